@@ -1,0 +1,219 @@
+"""Thin HTTP routing: check readiness, hand over to serving.py, return JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.api import serving
+from app.api.errors import APIError, error_body
+from app.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
+from app.engine.engine import EngineProtocol
+from app.runtime import Runtime
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def runtime_of(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def engine_of(request: Request) -> EngineProtocol:
+    runtime = runtime_of(request)
+    if runtime.state == "stopping":
+        raise APIError(503, "The server is shutting down.", code="shutting_down")
+    if not runtime.ready or runtime.engine is None:
+        raise APIError(503, "The model is still loading; retry shortly (GET /health reports readiness).",
+                       code="model_not_ready", headers={"Retry-After": "2"})
+    return runtime.engine
+
+
+def metrics_of(request: Request) -> dict[str, Any]:
+    """The per-request record the stats middleware reads when the response ends."""
+    record: dict[str, Any] = request.scope.setdefault("app.metrics", {})
+    return record
+
+
+def health_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health", include_in_schema=True)
+    async def health(request: Request) -> JSONResponse:
+        runtime = runtime_of(request)
+        if runtime.ready and runtime.engine is not None:
+            busy = runtime.engine.active
+            return JSONResponse({"status": "ok", "slots_idle": runtime.engine.parallel - busy,
+                                 "slots_processing": busy, "queue_depth": runtime.engine.queue_depth})
+        if runtime.state == "failed":
+            body = error_body(f"Model failed to load: {runtime.failure}", "server_error", None, "model_load_failed")
+            return JSONResponse({"status": "failed", **body}, status_code=503)
+        if runtime.state == "stopping":
+            return JSONResponse({"status": "stopping", **error_body("Shutting down", "service_unavailable")},
+                                status_code=503)
+        return JSONResponse({"status": "loading", **error_body("Loading model", "service_unavailable", None,
+                                                                 "model_not_ready")}, status_code=503)
+
+    return router
+
+
+def api_router(auth: Any) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(auth)])
+
+    @router.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        runtime = runtime_of(request)
+        return {"object": "list", "data": [model_card(runtime)]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        runtime = runtime_of(request)
+        if model_id != runtime.model_id:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{runtime.model_id}'.",
+                           code="model_not_found", param="model")
+        return model_card(runtime)
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        engine = engine_of(request)
+        requests = await serving.build_chat(engine, body)
+        choice_set = serving.ChoiceSet(engine)
+        choice_set.submit(requests)
+        rid, created, model = serving.new_id("chatcmpl"), serving.now(), engine.model_id
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            stream = serving.stream_chat(choice_set, model, rid, created, body.logprobs, include_usage)
+            return EngineStream(stream, request, choice_set)
+        await serving.collect(choice_set, request)
+        record_usage(request, choice_set)
+        error = choice_set.first_error()
+        if error is not None:
+            raise error
+        return serving.chat_response(model, rid, created, choice_set.choices, body.logprobs)
+
+    @router.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        engine = engine_of(request)
+        requests = await serving.build_completion(engine, body)
+        choice_set = serving.ChoiceSet(engine)
+        choice_set.submit(requests)
+        rid, created, model = serving.new_id("cmpl"), serving.now(), engine.model_id
+        want_logprobs = body.logprobs is not None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            stream = serving.stream_completion(choice_set, model, rid, created, want_logprobs, include_usage)
+            return EngineStream(stream, request, choice_set)
+        await serving.collect(choice_set, request)
+        record_usage(request, choice_set)
+        error = choice_set.first_error()
+        if error is not None:
+            raise error
+        return serving.completion_response(model, rid, created, choice_set.choices, want_logprobs)
+
+    @router.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+        engine = engine_of(request)
+        if not engine.embeddings_enabled:
+            raise APIError(400, "Embeddings are not enabled on this server: start it with --embeddings "
+                                "(or set Advanced Options/embeddings to true).", code="embeddings_disabled",
+                           param="input")
+        raw = body.input
+        if isinstance(raw, str):
+            texts: list[Any] = [raw]
+        elif all(isinstance(x, int) for x in raw):
+            texts = [raw]
+        else:
+            texts = list(raw)
+        inputs = []
+        for item in texts:
+            if isinstance(item, str):
+                if not item:
+                    raise APIError(400, "input strings must not be empty", param="input")
+                inputs.append(await asyncio.to_thread(engine.tokenize, item, True, False))
+            else:
+                inputs.append([int(t) for t in item])
+        vectors = await engine.embed(inputs)
+        n_tokens = sum(len(t) for t in inputs)
+        metrics_of(request)["prompt_tokens"] = n_tokens
+        data = []
+        for i, vec in enumerate(vectors):
+            emb: Any = vec
+            if body.encoding_format == "base64":
+                emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {"object": "list", "data": data, "model": engine.model_id,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    return router
+
+
+def extras_router(auth: Any) -> APIRouter:
+    """llama.cpp server's /tokenize and /detokenize, behind the key like everything but /health."""
+    router = APIRouter(dependencies=[Depends(auth)])
+
+    @router.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+        engine = engine_of(request)
+        tokens = await asyncio.to_thread(engine.tokenize, body.content, body.add_special, body.parse_special)
+        if body.with_pieces:
+            return {"tokens": [{"id": t, "piece": engine.token_piece(t)} for t in tokens]}
+        return {"tokens": tokens}
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+        engine = engine_of(request)
+        check = getattr(engine, "valid_token", None)
+        bad = [t for t in body.tokens if check is not None and not check(t)]
+        if bad:
+            raise APIError(400, f"token ids outside the vocabulary: {bad[:5]}", param="tokens")
+        return {"content": await asyncio.to_thread(engine.detokenize, body.tokens)}
+
+    return router
+
+
+def model_card(runtime: Runtime) -> dict[str, Any]:
+    return {"id": runtime.model_id, "object": "model", "created": 0, "owned_by": "llamacpp-clearml"}
+
+
+def record_usage(request: Request, choice_set: serving.ChoiceSet) -> None:
+    usage = serving.usage_of(choice_set.choices)
+    record = metrics_of(request)
+    if choice_set.first_token_at is not None:
+        record["ttft_s"] = choice_set.first_token_at - choice_set.started_at
+    record["prompt_tokens"] = usage.prompt_tokens
+    record["completion_tokens"] = usage.completion_tokens
+
+
+class EngineStream(StreamingResponse):
+    """SSE whose generation is cancelled the moment the response ends, however it ends.
+
+    Starlette stops iterating when the client goes away but closes the
+    generator only when it is collected; cancelling here frees the sequence at
+    once and records the usage for the stats.
+    """
+
+    def __init__(self, content: AsyncIterator[str], request: Request, choice_set: serving.ChoiceSet) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._request = request
+        self._choice_set = choice_set
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # uvicorn's send() goes quiet after a disconnect instead of raising, so listen for it ourselves.
+        watcher = asyncio.create_task(serving.until_disconnect(receive, self._choice_set.cancel))
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            watcher.cancel()
+            self._choice_set.cancel()
+            record_usage(self._request, self._choice_set)

@@ -1,0 +1,271 @@
+"""The app's configuration: every field declared once.
+
+`AppConfig` is the single source of truth for the CLI flags, the JSON config
+file (`--config`, `configs/*.json`) and the ClearML hyperparameter sections.
+Each field carries its form section, its label and its description in
+`json_schema_extra`, so `--help`, the task's hyperparameters and the README
+table all say the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+GENERAL = "General"
+ADVANCED = "Advanced Options"
+SECTIONS = (GENERAL, ADVANCED)
+
+FORMAT_VERSION = 1
+
+# 9999 is the launch form's "all layers" value, kept as llama.cpp understands it.
+ALL_GPU_LAYERS = 9999
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is one line naming the field."""
+
+
+def _field(default: Any, section: str, label: str, description: str, secret: bool = False, **kw: Any) -> Any:
+    extra = {"section": section, "label": label, "secret": secret}
+    return Field(default, description=description, json_schema_extra=extra, **kw)
+
+
+class AppConfig(BaseModel):
+    """Everything a deployment needs to know; defaults are the launch form's."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- General ---------------------------------------------------------
+    model: str = _field(
+        "", GENERAL, "Model",
+        "GGUF model to serve: a ClearML model ID, a Hugging Face path owner/repo/path/to/model.gguf, "
+        "a local path, a file:// or http(s)/s3 URL, or 'demo' for the bundled Gemma 3 270M.",
+    )
+    hf_token: str = _field(
+        "", GENERAL, "Hugging Face Token",
+        "Token for gated or private Hugging Face repositories. Never logged or exported.", secret=True,
+    )
+    n_gpu_layers: int = _field(
+        ALL_GPU_LAYERS, GENERAL, "Number of GPU Layers",
+        "Layers to offload to the GPU; 9999 = all, 0 = CPU only. Ignored on a CPU-only build.", ge=0,
+    )
+
+    # --- Advanced Options --------------------------------------------------
+    idle_time_limit_hours: float = _field(
+        1.0, ADVANCED, "Idle Time Limit (Hours)",
+        "Stop the app after this long without a request (fractions allowed); 0 = never.", ge=0,
+    )
+    last_action_report_interval_sec: float = _field(
+        30.0, ADVANCED, "Last Action Report Interval (Seconds)",
+        "How often the last action time, status and metrics are reported to the task.", gt=0,
+    )
+    api_key: str = _field(
+        "", ADVANCED, "API Key",
+        "Key clients send as 'Authorization: Bearer KEY' or 'X-Api-Key'; generated when empty.", secret=True,
+    )
+    host: str = _field(
+        "127.0.0.1", ADVANCED, "Host",
+        "Address to bind; 0.0.0.0 for all interfaces.",
+    )
+    port: int = _field(8080, ADVANCED, "Port", "TCP port to listen on; 0 picks a free port.", ge=0, le=65535)
+    n_ctx: int = _field(
+        8192, ADVANCED, "Context Size",
+        "Total context (KV cache) in tokens, shared by the parallel sequences: each sequence may use n_ctx / parallel.",
+        ge=16,
+    )
+    n_threads: int = _field(0, ADVANCED, "Threads", "CPU threads for generation; 0 = all cores.", ge=0)
+    n_batch: int = _field(512, ADVANCED, "Batch Size", "Most tokens given to one llama_decode call.", ge=1)
+    parallel: int = _field(
+        4, ADVANCED, "Parallel Sequences", "Requests decoded together; the queue holds the rest.", ge=1, le=256,
+    )
+    max_queue: int = _field(
+        64, ADVANCED, "Max Queue", "Requests that may wait for a free sequence; beyond that: 429.", ge=0,
+    )
+    embeddings: bool = _field(False, ADVANCED, "Embeddings", "Serve /v1/embeddings.")
+    chat_format: str = _field(
+        "auto", ADVANCED, "Chat Format",
+        "Chat template: 'auto' uses the model's own and falls back to ChatML; or chatml, gemma, llama3.",
+    )
+    model_alias: str = _field(
+        "", ADVANCED, "Model Alias", "Name the model is served under; the file name when empty.",
+    )
+
+    @field_validator("chat_format")
+    @classmethod
+    def _known_chat_format(cls, value: str) -> str:
+        from app.engine.chat import CHAT_FORMATS
+
+        if value != "auto" and value not in CHAT_FORMATS:
+            raise ValueError(f"must be 'auto' or one of {', '.join(sorted(CHAT_FORMATS))}")
+        return value
+
+    # --- views ---------------------------------------------------------------
+
+    def masked(self) -> dict[str, Any]:
+        """The configuration with secrets hidden, for logs and exports."""
+        out = self.model_dump()
+        for name in secret_fields():
+            if out[name]:
+                out[name] = "***"
+        return out
+
+    def to_sections(self) -> dict[str, dict[str, Any]]:
+        """The configuration as ClearML hyperparameter sections."""
+        sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for name, info in AppConfig.model_fields.items():
+            sections[_extra(name)["section"]][name] = getattr(self, name)
+        return sections
+
+
+def _extra(name: str) -> dict[str, Any]:
+    extra = AppConfig.model_fields[name].json_schema_extra
+    assert isinstance(extra, dict)  # declared by _field for every field
+    return extra
+
+
+def field_names() -> list[str]:
+    return list(AppConfig.model_fields)
+
+
+def field_section(name: str) -> str:
+    return str(_extra(name)["section"])
+
+
+def field_label(name: str) -> str:
+    return str(_extra(name)["label"])
+
+
+def field_description(name: str) -> str:
+    return AppConfig.model_fields[name].description or ""
+
+
+def secret_fields() -> list[str]:
+    return [n for n in AppConfig.model_fields if _extra(n)["secret"]]
+
+
+def iter_fields() -> Iterator[tuple[str, str, str, Any, str]]:
+    """(name, section, type name, default, description) for each field, for docs."""
+    for name, info in AppConfig.model_fields.items():
+        type_name = getattr(info.annotation, "__name__", str(info.annotation))
+        yield name, field_section(name), type_name, info.default, field_description(name)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line naming each offending field."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg} (got {err.get('input')!r})" if err["type"] != "extra_forbidden" else f"{loc}: {msg}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def build(values: dict[str, Any]) -> AppConfig:
+    """Validate merged values into an AppConfig, or raise ConfigError with one line."""
+    try:
+        return AppConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc)) from None
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    """Read a config file: either flat fields or the sectioned export format."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not readable JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return flatten_document(raw, source=str(path))
+
+
+def flatten_document(raw: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Accept `{"format_version": 1, "General": {...}, "Advanced Options": {...}}` or flat fields."""
+    version = raw.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"{source}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "format_version":
+            continue
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: section {key!r} must be an object")
+            for name, inner in value.items():
+                if name in AppConfig.model_fields and field_section(name) != key:
+                    raise ConfigError(f"{source}: field {name!r} belongs to section {field_section(name)!r}")
+                flat[name] = inner
+        else:
+            flat[key] = value
+    return flat
+
+
+def to_document(config: AppConfig, include_secrets: bool = False) -> dict[str, Any]:
+    """The versioned JSON document used by configs/*.json, --config and exports."""
+    values = config.model_dump() if include_secrets else config.masked()
+    doc: dict[str, Any] = {"format_version": FORMAT_VERSION}
+    for section in SECTIONS:
+        doc[section] = {n: values[n] for n in AppConfig.model_fields if field_section(n) == section}
+    return doc
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults are suppressed so only given flags override."""
+    for name, info in AppConfig.model_fields.items():
+        help_text = f"[{field_section(name)}: {field_label(name)}] {field_description(name)} (default: {info.default!r})"
+        if info.annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, help=help_text,
+                                metavar=name.upper())
+
+
+def cli_values(ns: argparse.Namespace) -> dict[str, Any]:
+    """The field values given on the command line (strings; pydantic casts them)."""
+    return {n: getattr(ns, n) for n in AppConfig.model_fields if hasattr(ns, n)}
+
+
+def from_strings(sections: dict[str, Any]) -> dict[str, Any]:
+    """Values as ClearML hands them back (`Section/name` -> string) to typed-ready field values.
+
+    Empty strings for non-string fields mean "use the default" as the web UI
+    leaves them; unknown keys are reported, not silently dropped.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in sections.items():
+        section, _, name = key.partition("/")
+        if section not in SECTIONS:
+            continue
+        if name not in AppConfig.model_fields:
+            raise ConfigError(f"unknown hyperparameter {key!r}")
+        annotation = AppConfig.model_fields[name].annotation
+        if isinstance(value, str) and annotation is not str:
+            text = value.strip()
+            if text == "":
+                continue
+            if annotation is bool:
+                lowered = text.lower()
+                if lowered in ("true", "1", "yes", "on"):
+                    value = True
+                elif lowered in ("false", "0", "no", "off"):
+                    value = False
+                else:
+                    raise ConfigError(f"invalid configuration: {name}: expected true or false (got {value!r})")
+            else:
+                value = text
+        flat[name] = value
+    return flat

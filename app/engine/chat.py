@@ -1,0 +1,133 @@
+"""Turn OpenAI chat messages into a prompt with a Jinja chat template.
+
+The model's own template (GGUF `tokenizer.chat_template`) is used when it has
+one. A GGUF without a template gets ChatML, as llama.cpp's server does, and
+`--chat-format` picks a built-in template explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+log = logging.getLogger(__name__)
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+GEMMA = (
+    "{{ bos_token }}"
+    "{% set system = namespace(text='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set system.text = system.text + message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{% if role == 'user' and system.text %}{{ system.text }}{% set system.text = '' %}{% endif %}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+LLAMA3 = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# name -> (template, stop strings that end the assistant's turn)
+CHAT_FORMATS: dict[str, tuple[str, list[str]]] = {
+    "chatml": (CHATML, ["<|im_end|>", "<|im_start|>"]),
+    "gemma": (GEMMA, ["<end_of_turn>", "<start_of_turn>"]),
+    "llama3": (LLAMA3, ["<|eot_id|>"]),
+}
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ChatTemplateError(ValueError):
+    """The messages cannot be rendered by the template (the template said why)."""
+
+
+@dataclass
+class ChatTemplate:
+    name: str
+    source: str
+    stop: list[str]
+    bos_token: str
+    eos_token: str
+
+    def __post_init__(self) -> None:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined)
+
+        def raise_exception(message: str) -> None:
+            raise ChatTemplateError(message)
+
+        def strftime_now(fmt: str) -> str:
+            return datetime.datetime.now().strftime(fmt)
+
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        try:
+            self._template = env.from_string(self.source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"chat template {self.name!r} does not compile: {exc}") from None
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except ChatTemplateError:
+            raise
+        except Exception as exc:  # a template is user data: any failure is a bad request, not a crash
+            raise ChatTemplateError(f"chat template failed on these messages: {exc}") from None
+
+
+def select_template(chat_format: str, model_template: Optional[str], bos: str, eos: str) -> ChatTemplate:
+    """The template to use: explicit format, else the model's, else ChatML (logged)."""
+    if chat_format != "auto":
+        source, stop = CHAT_FORMATS[chat_format]
+        log.info("chat format: %s (from --chat-format)", chat_format)
+        return ChatTemplate(chat_format, source, list(stop), bos, eos)
+    if model_template:
+        log.info("chat format: the model's own template")
+        stop = [eos] if eos else []
+        for _, (_, fmt_stop) in CHAT_FORMATS.items():
+            stop += [s for s in fmt_stop if s in model_template and s not in stop]
+        return ChatTemplate("model", model_template, stop, bos, eos)
+    log.warning("the model has no chat template: falling back to ChatML (use --chat-format to choose another)")
+    source, stop = CHAT_FORMATS["chatml"]
+    return ChatTemplate("chatml", source, list(stop), bos, eos)
+
+
+def flatten_content(content: Any) -> str:
+    """OpenAI content may be a string or a list of parts; templates want text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if isinstance(part, dict):
+            if part.get("type") not in (None, "text"):
+                raise ChatTemplateError(f"content part type {part.get('type')!r} is not supported by this model")
+            texts.append(str(part.get("text", "")))
+        else:
+            texts.append(str(part))
+    return "".join(texts)

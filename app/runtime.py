@@ -1,0 +1,34 @@
+"""The state shared by the HTTP layer, the lifecycle and the reporter, built once at start-up."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+from app.engine.engine import EngineProtocol
+from app.telemetry.stats import RequestStats
+
+
+@dataclass
+class Runtime:
+    """Handed to `create_app` and to the reporter; nothing reaches it through a global."""
+
+    api_key: str
+    model_id: str
+    stats: RequestStats = field(default_factory=RequestStats)
+    engine: Optional[EngineProtocol] = None
+    state: str = "loading"  # loading | ready | failed | stopping
+    failure: Optional[str] = None
+    shutdown_reason: Optional[str] = None
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.engine is not None
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the server to drain and exit; the first reason given wins."""
+        if self.shutdown_reason is None:
+            self.shutdown_reason = reason
+        self.stop_requested.set()

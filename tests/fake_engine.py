@@ -1,0 +1,116 @@
+"""A scriptable fake engine for fast tests of routing, auth, errors and queueing.
+
+It speaks the same contract as the real engine (EngineProtocol): one token per
+character, replies taken from a queue, every submitted request recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Optional
+
+from app.engine.text import TextStream
+from app.engine.types import (
+    ContextLengthError,
+    Delta,
+    Finish,
+    GenerationRequest,
+    QueueFullError,
+    RequestHandle,
+    TokenLogprob,
+)
+
+
+class FakeEngine:
+    def __init__(self, replies: Optional[list[str]] = None, n_ctx_seq: int = 256, parallel: int = 2,
+                 max_queue: int = 2, token_delay: float = 0.0, embeddings: bool = True) -> None:
+        self.model_id = "fake-model.gguf"
+        self.n_ctx_seq = n_ctx_seq
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self.embeddings_enabled = embeddings
+        self.replies: deque[str] = deque(replies or [])
+        self.default_reply = "Hello from the fake engine."
+        self.token_delay = token_delay
+        self.requests: list[GenerationRequest] = []
+        self.cancelled: list[GenerationRequest] = []
+        self.in_system = 0
+        self.closed = False
+
+    # prompts
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
+        text = "".join(f"<{m['role']}>{m.get('content') or ''}" for m in messages) + "<assistant>"
+        return self.tokenize(text), ["<end>"]
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return "".join(chr(t) for t in tokens)
+
+    def token_piece(self, token: int) -> str:
+        return chr(token)
+
+    def valid_token(self, token: int) -> bool:
+        return 0 <= token < 0x110000
+
+    @property
+    def queue_depth(self) -> int:
+        return max(0, self.in_system - self.parallel)
+
+    @property
+    def active(self) -> int:
+        return min(self.in_system, self.parallel)
+
+    # generation
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
+        if len(request.prompt_tokens) + request.max_tokens > self.n_ctx_seq:
+            raise ContextLengthError(f"context per sequence is {self.n_ctx_seq} tokens")
+        if self.in_system >= self.parallel + self.max_queue:
+            raise QueueFullError("the server is busy: all sequences are in use and the queue is full")
+        self.in_system += 1
+        self.requests.append(request)
+        reply = self.replies.popleft() if self.replies else self.default_reply
+        handle = RequestHandle(request, loop)
+        loop.create_task(self._generate(handle, reply))
+        return handle
+
+    async def _generate(self, handle: RequestHandle, reply: str) -> None:
+        req = handle.request
+        stream = TextStream(req.stop)
+        n = 0
+        reason = "stop"
+        try:
+            for ch in reply:
+                if handle.cancelled:
+                    self.cancelled.append(req)
+                    reason = "cancelled"
+                    break
+                if n >= req.max_tokens:
+                    reason = "length"
+                    break
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                else:
+                    await asyncio.sleep(0)
+                n += 1
+                lps = [TokenLogprob(ch, -0.5, list(ch.encode()), [(ch, -0.5, list(ch.encode()))] * (req.logprobs or 0))] \
+                    if req.logprobs is not None else []
+                text = stream.push(ch.encode())
+                handle.emit(Delta(text, [ord(ch)], lps))
+                if stream.stopped:
+                    break
+            else:
+                tail = stream.flush()
+                if tail:
+                    handle.emit(Delta(tail, [], []))
+            handle.emit(Finish(reason, len(req.prompt_tokens), n, 0))
+        finally:
+            self.in_system -= 1
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        return [[float(len(t)), 0.0, 1.0] for t in inputs]
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,160 @@
+"""End to end: `python -m app` on the real Gemma 3 270M model, driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.conftest import API_KEY, AppProcess
+
+
+@pytest.fixture
+def client(real_app: AppProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=real_app.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_models_lists_the_file_name(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == ["gemma-3-270m-q4_k_m.gguf"]
+
+
+def test_chat_completion_and_stream_agree(client: openai.OpenAI) -> None:
+    kwargs = dict(model="gemma", messages=[{"role": "system", "content": "You answer briefly."},
+                                           {"role": "user", "content": "Name three colors."}],
+                  max_tokens=24, temperature=0)
+    whole = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content  # ChatML fallback: a base model still answers
+    assert whole.usage is not None and 0 < whole.usage.completion_tokens <= 24
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))  # type: ignore[call-overload]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completion_with_logprobs_echo_and_stop(client: openai.OpenAI) -> None:
+    out = client.completions.create(model="gemma", prompt="The capital of France is", max_tokens=8,
+                                    temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs and all(v <= 0 for v in lp.token_logprobs)
+    assert "".join(lp.tokens or []) == out.choices[0].text
+    echoed = client.completions.create(model="gemma", prompt="The capital of France is", max_tokens=8,
+                                       temperature=0, echo=True)
+    assert echoed.choices[0].text == "The capital of France is" + out.choices[0].text
+    first_word = out.choices[0].text.split()[0]
+    stopped = client.completions.create(model="gemma", prompt="The capital of France is", max_tokens=8,
+                                        temperature=0, stop=[first_word])
+    assert first_word not in stopped.choices[0].text
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_seed_makes_sampling_repeatable(client: openai.OpenAI) -> None:
+    a = client.completions.create(model="g", prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=7)
+    b = client.completions.create(model="g", prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_json_schema_output_validates(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    out = client.chat.completions.create(
+        model="g", messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=64,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    data = json.loads(out.choices[0].message.content or "")
+    jsonschema.validate(data, schema)
+
+
+def test_json_object_output_parses(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(
+        model="g", messages=[{"role": "user", "content": "Give me a JSON object."}], max_tokens=48,
+        temperature=0, response_format={"type": "json_object"})
+    content = out.choices[0].message.content or ""
+    # The base model tends to keep adding keys; the grammar still forces an object from the first character.
+    assert content.startswith("{"), content
+    if out.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+
+
+def test_embeddings(client: openai.OpenAI) -> None:
+    out = client.embeddings.create(model="g", input=["a cat", "a dog"])
+    assert len(out.data) == 2
+    vec = out.data[0].embedding
+    assert len(vec) == 640
+    assert abs(sum(v * v for v in vec) - 1.0) < 1e-3
+
+
+def test_auth_failure(real_app: AppProcess) -> None:
+    bad = openai.OpenAI(base_url=real_app.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    # The key is shown where the user needs it (the announcement and its test command), never elsewhere.
+    leaks = [line for line in real_app.lines if API_KEY in line
+             and "API key: " not in line and "test: curl" not in line]
+    assert leaks == []
+
+
+def test_bad_input_then_still_serving(client: openai.OpenAI, real_app: AppProcess) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="g", prompt="hello " * 3000, max_tokens=4)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="g", messages=[], max_tokens=4)
+    r = httpx.post(real_app.url + "/v1/chat/completions", content=b"{nope",
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    out = client.completions.create(model="g", prompt="Hi", max_tokens=2)
+    assert out.choices[0].text
+
+
+def test_tokenize_round_trip(real_app: AppProcess) -> None:
+    h = {"Authorization": f"Bearer {API_KEY}"}
+    toks = httpx.post(real_app.url + "/tokenize", json={"content": "Hello world"}, headers=h).json()["tokens"]
+    assert toks == [9259, 1902]
+    text = httpx.post(real_app.url + "/detokenize", json={"tokens": toks}, headers=h).json()["content"]
+    assert text == "Hello world"
+
+
+def test_three_concurrent_streams_complete_in_full(client: openai.OpenAI) -> None:
+    prompts = ["Once upon a time", "The quick brown fox", "In the year 1492"]
+    results: dict[int, tuple[str, str | None, int]] = {}
+
+    def run(i: int) -> None:
+        chunks = list(client.completions.create(model="g", prompt=prompts[i], max_tokens=32, temperature=0,
+                                                stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        results[i] = (text, reason, chunks[-1].usage.completion_tokens if chunks[-1].usage else -1)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == [0, 1, 2]
+    for text, reason, n in results.values():
+        assert reason == "length" and n == 32 and text
+
+
+def test_disconnect_frees_the_engine(real_app: AppProcess) -> None:
+    h = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", real_app.url + "/v1/completions", headers=h, timeout=60,
+                      json={"prompt": "Tell a long story", "max_tokens": 1500, "stream": True,
+                            "ignore_eos": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        health = httpx.get(real_app.url + "/health").json()
+        if health["slots_processing"] == 0:
+            break
+        time.sleep(0.05)
+    assert health["slots_processing"] == 0, health
