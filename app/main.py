@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from app import config as cfg
 from app.api.app import create_app
 from app.api.auth import generate_key
-from app.model_source import ModelSourceError, default_alias, demo_model_path, inspect_gguf, kind_of, resolve_local
+from app.model_source import ModelSourceError, default_alias, fetch, inspect_gguf
+from app.task import DEFAULT_PROJECT, DEFAULT_TASK_NAME, AppTask, offline_requested
+from app.telemetry.reporter import Reporter
 from app.runtime import Runtime
 from app.server import bind_socket, serve
 
@@ -34,8 +37,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logging level (default INFO)")
     parser.add_argument("--drain-timeout-sec", type=float, default=30.0,
                         help="how long in-flight requests may finish at shutdown (default 30)")
+    parser.add_argument("--project-name", default=DEFAULT_PROJECT, help="ClearML project for a local run")
+    parser.add_argument("--task-name", default=DEFAULT_TASK_NAME, help="ClearML task name for a local run")
     cfg.add_cli_arguments(parser)
     return parser
+
+
+def scrub_secrets(argv: Sequence[str]) -> list[str]:
+    """argv with the values of secret flags replaced by ***."""
+    flags = {"--" + name.replace("_", "-") for name in cfg.secret_fields()}
+    out: list[str] = []
+    hide_next = False
+    for item in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+        elif item in flags:
+            out.append(item)
+            hide_next = True
+        elif item.split("=", 1)[0] in flags and "=" in item:
+            out.append(item.split("=", 1)[0] + "=***")
+        else:
+            out.append(item)
+    return out
 
 
 def resolve_config(args: argparse.Namespace) -> cfg.AppConfig:
@@ -52,25 +76,12 @@ def setup_logging(level: str) -> None:
                         stream=sys.stderr)
 
 
-def fetch_model(config: cfg.AppConfig) -> str:
-    """The local path of the configured model (downloading it if needed)."""
-    spec = config.model.strip()
-    if not spec:
-        raise ModelSourceError("no model given: set General/model (or --model)")
-    kind = kind_of(spec)
-    if kind == "demo":
-        return demo_model_path()
-    if kind == "local":
-        return resolve_local(spec)
-    raise ModelSourceError(f"model source for {spec!r} is not available in this build")
-
-
-def load_in_background(config: cfg.AppConfig, runtime: Runtime) -> threading.Thread:
+def load_in_background(config: cfg.AppConfig, runtime: Runtime, on_ready: Callable[[], None]) -> threading.Thread:
     def work() -> None:
         from app.engine.engine import EngineOptions, load_engine
 
         try:
-            path = fetch_model(config)
+            path = fetch(config.model, config.hf_token)
             info = inspect_gguf(path)
             log.info("model file: %s", info.summary())
             engine = load_engine(EngineOptions(
@@ -91,6 +102,7 @@ def load_in_background(config: cfg.AppConfig, runtime: Runtime) -> threading.Thr
             return
         runtime.state = "ready"
         log.info("ready: serving %s", runtime.model_id)
+        on_ready()
 
     thread = threading.Thread(target=work, name="model-loader", daemon=True)
     thread.start()
@@ -104,47 +116,111 @@ def fail(runtime: Runtime, cause: str) -> None:
     runtime.request_stop("failed")
 
 
-def announce(host: str, port: int, api_key: str, model_id: str) -> None:
-    shown = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1") else host
-    base = f"http://{shown}:{port}/v1"
-    log.info("API base: %s", base)
-    log.info("API key: %s", api_key)
-    log.info("test: curl -s %s/chat/completions -H 'Authorization: Bearer %s' -H 'Content-Type: application/json' "
-             "-d '{\"model\": \"%s\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], "
-             "\"max_tokens\": 32}'", base, api_key, model_id)
+def endpoint_properties(host: str, port: int, api_key: str, model_id: str) -> dict[str, str]:
+    """What the user needs to call the endpoint: shown on the task and in the log."""
+    shown = host
+    if host in ("0.0.0.0", "::"):
+        shown = socket.gethostbyname(socket.gethostname())
+    elif host == "127.0.0.1":
+        shown = "localhost"
+    url = f"http://{shown}:{port}"
+    base = f"{url}/v1"
+    test = (f"curl -s {base}/chat/completions -H 'Authorization: Bearer {api_key}' "
+            f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model_id}\", \"messages\": "
+            f"[{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
+    return {"App URL": url, "API base": base, "API key": api_key, "test command": test, "model": model_id}
+
+
+def announce(props: dict[str, str]) -> None:
+    log.info("API base: %s", props["API base"])
+    log.info("API key: %s", props["API key"])
+    log.info("test: %s", props["test command"])
+
+
+def configure(args: argparse.Namespace, task: Optional[AppTask]) -> cfg.AppConfig:
+    """Local layers, or the task's values when an agent runs it (UI edits win)."""
+    if task is not None and task.running_remotely:
+        values: dict[str, object] = {}
+        values.update(task.remote_values())
+        config = cfg.build(values)
+        if config.host == "127.0.0.1":
+            # Under an agent the endpoint must be reachable from other machines.
+            config.host = "0.0.0.0"
+        return config
+    return resolve_config(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    # ClearML records the command line on the task: secrets given as flags must not ride along.
+    sys.argv[:] = scrub_secrets(sys.argv)
+    task: Optional[AppTask] = None
     try:
-        config = resolve_config(args)
+        task = AppTask.start(offline_requested(args.offline), args.project_name, args.task_name)
+    except Exception as exc:  # no ClearML must not mean no endpoint
+        log.warning("ClearML task could not start (%s); serving without a task", exc)
+    try:
+        config = configure(args, task)
     except cfg.ConfigError as exc:
         log.error("%s", exc)
+        if task is not None:
+            task.set_properties(status="failed")
+            task.mark_failed(str(exc))
+            task.close()
         return EXIT_CONFIG
+    return run(config, task, args.drain_timeout_sec)
+
+
+def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float) -> int:
     log.info("configuration: %s", config.masked())
     api_key = config.api_key or generate_key()
     runtime = Runtime(api_key=api_key, model_id=config.model_alias or default_alias(config.model))
+    reporter = Reporter(runtime, task, config.last_action_report_interval_sec,
+                        config.idle_time_limit_hours * 3600.0)
+    if task is not None:
+        task.connect_config(config)
+        # A clone inherits its source's properties: start from a clean slate.
+        task.set_properties(**{"status": "loading", "App URL": "", "API base": "", "API key": "",
+                               "test command": "", "idle time (s)": "0", "last action": "",
+                               "model": runtime.model_id})
+        task.register_abort(lambda: runtime.request_stop("aborted from the ClearML UI"))
+    log.info("status: loading")
     try:
         sock = bind_socket(config.host, config.port)
     except OSError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
+        return finish(task, runtime, reporter, f"{exc}")
     port = sock.getsockname()[1]
     log.info("listening on %s:%d", config.host, port)
-    announce(config.host, port, api_key, runtime.model_id)
-    loader = load_in_background(config, runtime)
+    props = endpoint_properties(config.host, port, api_key, runtime.model_id)
+    announce(props)
+    if task is not None:
+        task.set_properties(**props)
+    loader = load_in_background(config, runtime, on_ready=lambda: reporter.set_status("idle"))
+    reporter.start()
     app = create_app(runtime)
     try:
-        serve(app, runtime, sock, args.drain_timeout_sec)
+        serve(app, runtime, sock, drain_timeout_s)
     finally:
         runtime.state = "stopping"
+        reporter.stop()
         loader.join(timeout=60)
         if runtime.engine is not None:
             runtime.engine.close()
-    reason = runtime.shutdown_reason or "server stopped"
-    if runtime.failure:
-        log.error("stopped: %s", runtime.failure)
+    return finish(task, runtime, reporter, runtime.failure)
+
+
+def finish(task: Optional[AppTask], runtime: Runtime, reporter: Reporter, failure: Optional[str]) -> int:
+    """Report the end of the story and pick the exit code."""
+    if failure:
+        log.error("failed: %s", failure)
+        if task is not None:
+            task.set_properties(status="failed")
+            task.mark_failed(failure)
+            task.close()
         return EXIT_FAILED
-    log.info("stopped (%s)", reason)
+    log.info("status: stopped (%s)", runtime.shutdown_reason or "server stopped")
+    if task is not None:
+        task.set_properties(status="stopped")
+        task.close()
     return EXIT_OK

@@ -11,9 +11,10 @@ import logging
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from app.gguf_header import HeaderError, read_header
 
@@ -133,6 +134,83 @@ _FILE_TYPES = {
     26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
     36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
 }
+
+
+def _with_retries(what: str, fn: Callable[[], Optional[str]], attempts: int = 3, base_delay: float = 2.0) -> str:
+    """Retry transient failures with exponential backoff; a definite answer (missing, denied) is final."""
+    for attempt in range(1, attempts + 1):
+        try:
+            path = fn()
+        except ModelSourceError:
+            raise
+        except Exception as exc:
+            if _is_final(exc) or attempt == attempts:
+                raise ModelSourceError(f"{what} failed: {_one_line(exc)}") from None
+            delay = base_delay * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); retrying in %.0f s (%d/%d)", what, _one_line(exc), delay, attempt, attempts)
+            time.sleep(delay)
+            continue
+        if not path:
+            raise ModelSourceError(f"{what} returned no file")
+        return path
+    raise ModelSourceError(f"{what} failed")
+
+
+def _is_final(exc: Exception) -> bool:
+    name = type(exc).__name__
+    return name in ("RepositoryNotFoundError", "EntryNotFoundError", "RevisionNotFoundError",
+                    "GatedRepoError", "LocalEntryNotFoundError", "ValueError", "FileNotFoundError")
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def huggingface_copy(spec: str, token: str) -> str:
+    """owner/repo/path/to/model.gguf through huggingface_hub's cache (resumes partial downloads)."""
+    from huggingface_hub import hf_hub_download
+
+    owner, repo, filename = spec.split("/", 2)
+    repo_id = f"{owner}/{repo}"
+    parts = split_parts(filename)
+    names = [filename]
+    if parts is not None:
+        stem, _, count = parts
+        folder = filename.rsplit("/", 1)[0] + "/" if "/" in filename else ""
+        base = Path(stem).name
+        names = [f"{folder}{base}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    paths = []
+    for name in names:
+        log.info("downloading %s from Hugging Face repo %s", name, repo_id)
+        paths.append(_with_retries(
+            f"download of {repo_id}/{name}",
+            lambda n=name: hf_hub_download(repo_id=repo_id, filename=n, token=token or None)))
+    return paths[0]
+
+
+def fetch(spec: str, hf_token: str = "") -> str:
+    """The local path of the configured model, downloading it when needed."""
+    from app import task as clearml_io
+
+    spec = spec.strip()
+    if not spec:
+        raise ModelSourceError("no model given: set General/model (or --model)")
+    kind = kind_of(spec)
+    if kind == "demo":
+        return demo_model_path()
+    if kind == "local":
+        return resolve_local(spec)
+    if kind == "huggingface":
+        return huggingface_copy(spec, hf_token)
+    if kind == "clearml":
+        log.info("fetching ClearML model %s", spec)
+        return _with_retries(f"download of ClearML model {spec}", lambda: clearml_io.clearml_model_copy(spec))
+    if kind == "url":
+        log.info("fetching %s", spec)
+        return _with_retries(f"download of {spec}", lambda: clearml_io.storage_copy(spec))
+    raise ModelSourceError(
+        f"cannot tell what model {spec!r} is: give a ClearML model ID, owner/repo/path/to/model.gguf, a path or a URL")
 
 
 def split_parts(path: str) -> Optional[tuple[str, int, int]]:

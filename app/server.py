@@ -46,6 +46,6 @@ class AppServer(uvicorn.Server):
 
 
 def serve(app: object, runtime: Runtime, sock: socket.socket, drain_timeout_s: float) -> None:
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",  # type: ignore[arg-type]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", log_config=None,  # type: ignore[arg-type]
                             timeout_graceful_shutdown=drain_timeout_s, timeout_keep_alive=5)
     AppServer(config, runtime).run(sockets=[sock])

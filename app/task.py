@@ -1,0 +1,181 @@
+"""The only module that imports clearml: the task, its configuration, properties and scalars.
+
+Every call that reaches ClearML goes through `AppTask`, which catches and
+logs failures (once per outage) so reporting can never take serving down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from app import config as cfg
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROJECT = "llama.cpp Model Deployment"
+DEFAULT_TASK_NAME = "llama.cpp endpoint"
+
+
+def has_credentials() -> bool:
+    """Is a ClearML server configured at all (file or environment)?"""
+    if os.environ.get("CLEARML_API_ACCESS_KEY") or os.environ.get("CLEARML_API_HOST"):
+        return True
+    config_file = os.environ.get("CLEARML_CONFIG_FILE")
+    candidates = [Path(config_file)] if config_file else [Path.home() / "clearml.conf", Path.home() / ".clearml.conf"]
+    return any(p.is_file() for p in candidates)
+
+
+def offline_requested(flag: bool) -> bool:
+    return flag or os.environ.get("CLEARML_OFFLINE_MODE", "").lower() in ("1", "true", "yes")
+
+
+class AppTask:
+    """A thin, failure-tolerant wrapper around the ClearML task of this app instance."""
+
+    def __init__(self, task: Any, offline: bool) -> None:
+        self.task = task
+        self.offline = offline
+        self._failing = False
+
+    # --- start-up ------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, offline: bool, project: str, name: str) -> "AppTask":
+        from clearml import Task
+
+        under_agent = bool(os.environ.get("CLEARML_TASK_ID"))
+        if not offline and not under_agent and not has_credentials():
+            log.warning("no ClearML server is configured (clearml-init / CLEARML_API_*): running in offline mode")
+            offline = True
+        if offline:
+            Task.set_offline(True)
+        # The reporter subprocess makes exit wait ~10 s; in-process reporting exits at once.
+        Task._report_subprocess_enabled = False
+        task = Task.init(
+            project_name=project, task_name=name, task_type=Task.TaskTypes.application,
+            auto_connect_frameworks=False, auto_connect_arg_parser=False, reuse_last_task_id=False,
+            auto_resource_monitoring=False, auto_connect_streams=False,
+        )
+        app_task = cls(task, offline)
+        # The console is our log, forwarded record by record: nothing lost at a quick exit.
+        handler = TaskLogHandler(task)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        app_task._log_handler = handler
+        where = f"offline session {task.id}" if offline else f"task {task.id}"
+        log.info("ClearML: %s", where)
+        return app_task
+
+    @property
+    def id(self) -> str:
+        return str(self.task.id)
+
+    @property
+    def running_remotely(self) -> bool:
+        from clearml.config import running_remotely
+
+        return bool(running_remotely())
+
+    def remote_values(self) -> dict[str, Any]:
+        """Configuration as edited in the UI (strings), when an agent runs this task."""
+        raw = self.task.get_parameters() or {}
+        return cfg.from_strings(raw)
+
+    def connect_config(self, config: cfg.AppConfig) -> None:
+        """Show what runs as the task's hyperparameters, each with its description."""
+        values = config.model_dump()
+        if not self.running_remotely:
+            # A local run must not leave the token in the task for clones to copy.
+            values["hf_token"] = ""
+        for section, names in _sections().items():
+            self.task.connect({n: values[n] for n in names}, name=section)
+            for n in names:
+                self.task.set_parameter(f"{section}/{n}", values[n], description=cfg.field_description(n),
+                                        value_type=type(values[n]))
+
+    # --- reporting (never raises) -----------------------------------------------------
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> bool:
+        try:
+            fn()
+        except Exception as exc:  # ClearML down or refusing: serving goes on
+            if not self._failing:
+                log.warning("ClearML %s failed (%s); serving continues, will keep trying", what, exc)
+                self._failing = True
+            return False
+        if self._failing:
+            log.info("ClearML reporting recovered")
+            self._failing = False
+        return True
+
+    def set_properties(self, **properties: Any) -> bool:
+        props = {k: ("" if v is None else str(v)) for k, v in properties.items()}
+        return self._guard("property update", lambda: self.task.set_user_properties(**props))
+
+    def report_scalar(self, title: str, series: str, value: float, iteration: int) -> bool:
+        return self._guard("scalar report",
+                           lambda: self.task.get_logger().report_scalar(title, series, float(value), iteration))
+
+    def register_abort(self, callback: Callable[[], None]) -> None:
+        if self.offline:
+            # Offline, ClearML's status poll reads the task as reset and would terminate us.
+            return
+        self._guard("abort callback registration", lambda: self.task.register_abort_callback(callback))
+
+    def mark_failed(self, cause: str) -> None:
+        if not self.offline:
+            self._guard("failure report", lambda: self.task.mark_failed(status_reason=cause, status_message=cause))
+
+    def close(self) -> None:
+        handler = getattr(self, "_log_handler", None)
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+        self._guard("close", self.task.close)
+
+
+class TaskLogHandler(logging.Handler):
+    """Sends log records to the task's console; a failure here is dropped, never raised."""
+
+    def __init__(self, task: Any) -> None:
+        super().__init__(level=logging.INFO)
+        self._logger = task.get_logger()
+        self._inside = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(self._inside, "busy", False) or record.name.startswith("clearml"):
+            return  # ClearML's own logging while we report would recurse
+        self._inside.busy = True
+        try:
+            self._logger.report_text(self.format(record), level=record.levelno, print_console=False)
+        except Exception:
+            pass
+        finally:
+            self._inside.busy = False
+
+
+def _sections() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {s: [] for s in cfg.SECTIONS}
+    for name in cfg.field_names():
+        out[cfg.field_section(name)].append(name)
+    return out
+
+
+def clearml_model_copy(model_id: str) -> Optional[str]:
+    """Download a ClearML model's file (no archive extraction) into ClearML's cache."""
+    from clearml import InputModel
+
+    model = InputModel(model_id=model_id)
+    path = model.get_local_copy(extract_archive=False)
+    return str(path) if path else None
+
+
+def storage_copy(url: str) -> Optional[str]:
+    """A local copy of an http(s)/s3/gs/azure URL through ClearML's storage manager (cached)."""
+    from clearml import StorageManager
+
+    path = StorageManager.get_local_copy(url, extract_archive=False)
+    return str(path) if path else None

@@ -1,0 +1,104 @@
+"""The reporter thread: status, last action and request scalars to the task; the idle watchdog.
+
+It sleeps on `Event.wait`, so stopping never waits a full interval. The
+watchdog looks every second; the task hears from it every Last Action Report
+Interval. A failing ClearML is the task wrapper's problem, logged once, and
+never stops the loop.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from typing import Callable, Optional, Protocol
+
+from app.runtime import Runtime
+from app.telemetry.stats import percentile
+
+log = logging.getLogger(__name__)
+
+WATCHDOG_PERIOD_S = 1.0
+
+
+class TaskSink(Protocol):
+    def set_properties(self, **properties: object) -> bool: ...
+    def report_scalar(self, title: str, series: str, value: float, iteration: int) -> bool: ...
+
+
+class Reporter:
+    """Owns one thread; `start()` and `stop()` are its whole lifecycle."""
+
+    def __init__(self, runtime: Runtime, sink: Optional[TaskSink], interval_s: float, idle_limit_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.runtime = runtime
+        self.sink = sink
+        self.interval_s = interval_s
+        self.idle_limit_s = idle_limit_s
+        self._clock = clock
+        self._started = clock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
+        self.status: Optional[str] = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def iteration(self) -> int:
+        """The scalars' x-axis: whole seconds since start."""
+        return int(self._clock() - self._started)
+
+    def _run(self) -> None:
+        next_report = self._clock() + self.interval_s
+        while not self._stop.wait(min(WATCHDOG_PERIOD_S, max(0.0, next_report - self._clock()))):
+            try:
+                if self._clock() >= next_report:
+                    next_report = self._clock() + self.interval_s
+                    self.report()
+                self.watch_idle()
+            except Exception:  # the reporter must outlive any one bad report
+                log.exception("reporter tick failed")
+
+    # --- watchdog ------------------------------------------------------------------
+
+    def watch_idle(self) -> None:
+        if self.idle_limit_s <= 0 or not self.runtime.ready:
+            return
+        idle = self.runtime.stats.idle_seconds()
+        if idle >= self.idle_limit_s:
+            log.info("idle for %.0f s (limit %.0f s): shutting down", idle, self.idle_limit_s)
+            self.runtime.request_stop(f"idle for {idle:.0f} s")
+
+    # --- reports ---------------------------------------------------------------------
+
+    def report(self) -> None:
+        snap = self.runtime.stats.snapshot()
+        if self.runtime.ready:
+            self.set_status("active" if snap.requests or snap.in_flight else "idle")
+        if self.sink is None:
+            return
+        it = self.iteration()
+        last_action = datetime.datetime.now() - datetime.timedelta(seconds=snap.idle_s)
+        self.sink.set_properties(**{"idle time (s)": f"{snap.idle_s:.0f}",
+                                    "last action": last_action.strftime("%Y-%m-%d %H:%M:%S")})
+        self.sink.report_scalar("last action", "seconds since", snap.idle_s, it)
+        self.sink.report_scalar("requests", "per interval", snap.requests, it)
+        self.sink.report_scalar("requests", "total", snap.requests_total, it)
+        if snap.latencies_ms:
+            self.sink.report_scalar("latency ms", "p50", percentile(snap.latencies_ms, 0.5), it)
+            self.sink.report_scalar("latency ms", "p95", percentile(snap.latencies_ms, 0.95), it)
+        self.sink.report_scalar("tokens", "per second", snap.tokens_per_second, it)
+
+    def set_status(self, status: str) -> None:
+        if status == self.status:
+            return
+        self.status = status
+        log.info("status: %s", status)
+        if self.sink is not None:
+            self.sink.set_properties(status=status)
