@@ -17,9 +17,11 @@ from app.api.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    SamplingFields,
     TokenizeRequest,
 )
 from app.engine.engine import EngineProtocol
+from app.engine.types import GenerationRequest
 from app.runtime import Runtime
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -88,38 +90,15 @@ def api_router(auth: Any) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = engine_of(request)
         requests = await serving.build_chat(engine, body)
-        choice_set = serving.ChoiceSet(engine)
-        choice_set.submit(requests)
-        rid, created, model = serving.new_id("chatcmpl"), serving.now(), engine.model_id
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream:
-            stream = serving.stream_chat(choice_set, model, rid, created, body.logprobs, include_usage)
-            return EngineStream(stream, request, choice_set)
-        await serving.collect(choice_set, request)
-        record_usage(request, choice_set)
-        error = choice_set.first_error()
-        if error is not None:
-            raise error
-        return serving.chat_response(model, rid, created, choice_set.choices, body.logprobs)
+        return await generate(request, engine, requests, body, "chatcmpl", body.logprobs,
+                              serving.stream_chat, serving.chat_response)
 
     @router.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         engine = engine_of(request)
         requests = await serving.build_completion(engine, body)
-        choice_set = serving.ChoiceSet(engine)
-        choice_set.submit(requests)
-        rid, created, model = serving.new_id("cmpl"), serving.now(), engine.model_id
-        want_logprobs = body.logprobs is not None
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream:
-            stream = serving.stream_completion(choice_set, model, rid, created, want_logprobs, include_usage)
-            return EngineStream(stream, request, choice_set)
-        await serving.collect(choice_set, request)
-        record_usage(request, choice_set)
-        error = choice_set.first_error()
-        if error is not None:
-            raise error
-        return serving.completion_response(model, rid, created, choice_set.choices, want_logprobs)
+        return await generate(request, engine, requests, body, "cmpl", body.logprobs is not None,
+                              serving.stream_completion, serving.completion_response)
 
     @router.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
@@ -180,6 +159,24 @@ def extras_router(auth: Any) -> APIRouter:
         return {"content": await asyncio.to_thread(engine.detokenize, body.tokens)}
 
     return router
+
+
+async def generate(request: Request, engine: EngineProtocol, requests: list[tuple[int, GenerationRequest, str]],
+                   body: SamplingFields, id_prefix: str, want_logprobs: bool, stream_fn: Any, response_fn: Any) -> Any:
+    """Submit every choice, then stream them (SSE) or collect them into one response."""
+    choice_set = serving.ChoiceSet(engine)
+    choice_set.submit(requests)
+    rid, created, model = serving.new_id(id_prefix), serving.now(), engine.model_id
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EngineStream(stream_fn(choice_set, model, rid, created, want_logprobs, include_usage), request,
+                            choice_set)
+    await serving.collect(choice_set, request)
+    record_usage(request, choice_set)
+    error = choice_set.first_error()
+    if error is not None:
+        raise error
+    return response_fn(model, rid, created, choice_set.choices, want_logprobs)
 
 
 def model_card(runtime: Runtime) -> dict[str, Any]:
