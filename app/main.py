@@ -127,7 +127,8 @@ def endpoint_properties(host: str, port: int, api_key: str, model_id: str) -> di
     base = f"{url}/v1"
     test = (f"curl -s {base}/chat/completions -H 'Authorization: Bearer {api_key}' "
             f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model_id}\", \"messages\": "
-            f"[{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
+            f"[{{\"role\": \"user\", \"content\": \"Write one sentence about the sea.\"}}], "
+            f"\"max_tokens\": 32, \"temperature\": 0}}'")
     return {"App URL": url, "API base": base, "API key": api_key, "test command": test, "model": model_id}
 
 
