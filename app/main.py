@@ -110,7 +110,7 @@ def load_in_background(config: cfg.AppConfig, runtime: Runtime, on_ready: Callab
 
 
 def fail(runtime: Runtime, cause: str) -> None:
-    log.error("%s", cause)
+    """Record the cause and stop; `finish` logs it once and fails the task."""
     runtime.failure = cause
     runtime.state = "failed"
     runtime.request_stop("failed")
@@ -141,9 +141,7 @@ def announce(props: dict[str, str]) -> None:
 def configure(args: argparse.Namespace, task: Optional[AppTask]) -> cfg.AppConfig:
     """Local layers, or the task's values when an agent runs it (UI edits win)."""
     if task is not None and task.running_remotely:
-        values: dict[str, object] = {}
-        values.update(task.remote_values())
-        config = cfg.build(values)
+        config = cfg.build(task.remote_values())
         if config.host == "127.0.0.1":
             # Under an agent the endpoint must be reachable from other machines.
             config.host = "0.0.0.0"
@@ -164,11 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = configure(args, task)
     except cfg.ConfigError as exc:
-        log.error("%s", exc)
-        if task is not None:
-            task.set_properties(status="failed")
-            task.mark_failed(str(exc))
-            task.close()
+        report_failure(task, str(exc))
         return EXIT_CONFIG
     return run(config, task, args.drain_timeout_sec)
 
@@ -190,7 +184,7 @@ def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float) 
     try:
         sock = bind_socket(config.host, config.port)
     except OSError as exc:
-        return finish(task, runtime, reporter, f"{exc}")
+        return finish(task, runtime, f"{exc}")
     port = sock.getsockname()[1]
     log.info("listening on %s:%d", config.host, port)
     props = endpoint_properties(config.host, port, api_key, runtime.model_id)
@@ -208,20 +202,25 @@ def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float) 
         loader.join(timeout=60)
         if runtime.engine is not None:
             runtime.engine.close()
-    return finish(task, runtime, reporter, runtime.failure)
+    return finish(task, runtime, runtime.failure)
 
 
-def finish(task: Optional[AppTask], runtime: Runtime, reporter: Reporter, failure: Optional[str]) -> int:
+def finish(task: Optional[AppTask], runtime: Runtime, failure: Optional[str]) -> int:
     """Report the end of the story and pick the exit code."""
     if failure:
-        log.error("failed: %s", failure)
-        if task is not None:
-            task.set_properties(status="failed")
-            task.mark_failed(failure)
-            task.close()
+        report_failure(task, failure)
         return EXIT_FAILED
     log.info("status: stopped (%s)", runtime.shutdown_reason or "server stopped")
     if task is not None:
         task.set_properties(status="stopped")
         task.close()
     return EXIT_OK
+
+
+def report_failure(task: Optional[AppTask], cause: str) -> None:
+    """One error line with the cause, and the task marked failed."""
+    log.error("failed: %s", cause)
+    if task is not None:
+        task.set_properties(status="failed")
+        task.mark_failed(cause)
+        task.close()

@@ -40,6 +40,7 @@ class AppTask:
         self.task = task
         self.offline = offline
         self._failing = False
+        self._log_handler: Optional[logging.Handler] = None
 
     # --- start-up ------------------------------------------------------------------
 
@@ -131,9 +132,8 @@ class AppTask:
             self._guard("failure report", lambda: self.task.mark_failed(status_reason=cause, status_message=cause))
 
     def close(self) -> None:
-        handler = getattr(self, "_log_handler", None)
-        if handler is not None:
-            logging.getLogger().removeHandler(handler)
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
         self._guard("close", self.task.close)
 
 

@@ -13,12 +13,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterable, Optional
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench")
 PROMPT = "Once upon a time"
+
+
+def decode_rate(tokens: Iterable[object]) -> float:
+    """Tokens per second after the first one arrives (so prompt time is not counted)."""
+    first: Optional[float] = None
+    count = 0
+    for _ in tokens:
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    if first is None or count < 2:
+        raise RuntimeError("the stream produced fewer than two tokens")
+    return (count - 1) / (time.perf_counter() - first)
 
 
 def direct(model: str, n: int, runs: int) -> float:
@@ -31,15 +45,7 @@ def direct(model: str, n: int, runs: int) -> float:
     rates = []
     for _ in range(runs):
         llm.reset()
-        t0 = time.perf_counter()
-        first = None
-        count = 0
-        for _chunk in llm.create_completion(PROMPT, max_tokens=n, temperature=0, stream=True):
-            count += 1
-            if first is None:
-                first = time.perf_counter()
-        assert first is not None
-        rates.append((count - 1) / (time.perf_counter() - first))
+        rates.append(decode_rate(llm.create_completion(PROMPT, max_tokens=n, temperature=0, stream=True)))
     return statistics.median(rates)
 
 
@@ -59,17 +65,10 @@ def over_http(model: str, n: int, runs: int) -> float:
         rates = []
         body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True}
         for _ in range(runs):
-            first = None
-            count = 0
             with httpx.stream("POST", "http://127.0.0.1:18999/v1/completions", json=body, timeout=300,
                               headers={"X-Api-Key": "bench"}) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: {") and '"text":""' not in line:
-                        count += 1
-                        if first is None:
-                            first = time.perf_counter()
-            assert first is not None
-            rates.append((count - 1) / (time.perf_counter() - first))
+                tokens = (line for line in r.iter_lines() if line.startswith("data: {") and '"text":""' not in line)
+                rates.append(decode_rate(tokens))
         return statistics.median(rates)
     finally:
         proc.terminate()

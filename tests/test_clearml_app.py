@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import openai
-import pytest
 
 from tests.conftest import API_KEY, AppProcess
 

@@ -68,8 +68,8 @@ class Reporter:
     # --- watchdog ------------------------------------------------------------------
 
     def watch_idle(self) -> None:
-        if self.idle_limit_s <= 0 or not self.runtime.ready:
-            return
+        if self.idle_limit_s <= 0 or not self.runtime.ready or self.runtime.stop_requested.is_set():
+            return  # off, not serving yet, or already on the way out (say it once)
         idle = self.runtime.stats.idle_seconds()
         if idle >= self.idle_limit_s:
             log.info("idle for %.0f s (limit %.0f s): shutting down", idle, self.idle_limit_s)
