@@ -100,6 +100,7 @@ def load_in_background(config: cfg.AppConfig, runtime: Runtime, on_ready: Callab
         runtime.engine = engine
         if runtime.stop_requested.is_set():
             return
+        runtime.stats.restart_idle_clock()
         runtime.state = "ready"
         log.info("ready: serving %s", runtime.model_id)
         on_ready()

@@ -92,12 +92,12 @@ def test_text_stream_completes_split_utf8() -> None:
     assert out == "héllo 🙂"
 
 
-def write_tiny_gguf(path: Path) -> None:
+def write_tiny_gguf(path: Path, rows: int = 8) -> None:
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny")
     w.add_context_length(128)
     w.add_file_type(1)
-    w.add_tensor("token_embd.weight", np.zeros((8, 16), dtype=np.float16))
+    w.add_tensor("token_embd.weight", np.zeros((rows, 16), dtype=np.float16))
     w.add_tensor("output.weight", np.ones((8, 16), dtype=np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -155,3 +155,21 @@ def test_readme_config_table_is_current() -> None:
 def test_shipped_configs_are_valid() -> None:
     for path in (Path(__file__).resolve().parent.parent / "configs").glob("*.json"):
         cfg.build(cfg.load_json(path))
+
+
+def test_idle_clock_starts_at_readiness_and_pauses_in_flight() -> None:
+    from app.telemetry.stats import RequestStats
+
+    now = [100.0]
+    stats = RequestStats(clock=lambda: now[0])
+    now[0] = 160.0  # a minute of loading
+    stats.restart_idle_clock()
+    assert stats.idle_seconds() == 0.0
+    now[0] = 170.0
+    assert stats.idle_seconds() == 10.0
+    started = stats.begin()
+    now[0] = 500.0
+    assert stats.idle_seconds() == 0.0  # a long request in flight is activity
+    stats.end("/v1/completions", 200, started)
+    now[0] = 505.0
+    assert stats.idle_seconds() == 5.0

@@ -65,6 +65,11 @@ class RequestStats:
         self._prompt_tokens = 0
         self._completion_tokens = 0
 
+    def restart_idle_clock(self) -> None:
+        """Idle time counts from now (the model became ready: loading is not idleness)."""
+        with self._lock:
+            self._last_activity = self._clock()
+
     def begin(self) -> float:
         with self._lock:
             self._in_flight += 1
