@@ -136,7 +136,8 @@ _FILE_TYPES = {
 }
 
 
-def _with_retries(what: str, fn: Callable[[], Optional[str]], attempts: int = 3, base_delay: float = 2.0) -> str:
+def _with_retries(what: str, fn: Callable[[], Optional[str]], is_final: Callable[[Exception], bool],
+                  attempts: int = 3, base_delay: float = 2.0) -> str:
     """Retry transient failures with exponential backoff; a definite answer (missing, denied) is final."""
     for attempt in range(1, attempts + 1):
         try:
@@ -144,7 +145,7 @@ def _with_retries(what: str, fn: Callable[[], Optional[str]], attempts: int = 3,
         except ModelSourceError:
             raise
         except Exception as exc:
-            if _is_final(exc) or attempt == attempts:
+            if is_final(exc) or attempt == attempts:
                 raise ModelSourceError(f"{what} failed: {_one_line(exc)}") from None
             delay = base_delay * 2 ** (attempt - 1)
             log.warning("%s failed (%s); retrying in %.0f s (%d/%d)", what, _one_line(exc), delay, attempt, attempts)
@@ -153,18 +154,56 @@ def _with_retries(what: str, fn: Callable[[], Optional[str]], attempts: int = 3,
         if not path:
             raise ModelSourceError(f"{what} returned no file")
         return path
-    raise ModelSourceError(f"{what} failed")
+    raise ModelSourceError(f"{what} failed")  # not reached: the last attempt returns or raises
 
 
-def _is_final(exc: Exception) -> bool:
-    name = type(exc).__name__
-    return name in ("RepositoryNotFoundError", "EntryNotFoundError", "RevisionNotFoundError",
-                    "GatedRepoError", "LocalEntryNotFoundError", "ValueError", "FileNotFoundError")
+def _plain_final(exc: Exception) -> bool:
+    return isinstance(exc, (ValueError, FileNotFoundError, PermissionError))
+
+
+def _hub_final(exc: Exception) -> bool:
+    """Hub answers that another try will not change; an unreachable Hub is worth retrying."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
+                        errors.RemoteEntryNotFoundError, errors.HFValidationError)):
+        return True
+    if isinstance(exc, errors.HfHubHTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        return 400 <= status < 500 and status not in (408, 429)
+    return _plain_final(exc) and not isinstance(exc, errors.LocalEntryNotFoundError)
 
 
 def _one_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    detail = " ".join(text[:2]) if text else ""
+    return f"{type(exc).__name__}: {detail}"
+
+
+def _logged_progress() -> type:
+    """A tqdm class for huggingface_hub that logs every 10% instead of drawing a bar (the console is our log)."""
+    from tqdm.auto import tqdm
+
+    class LoggedProgress(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["disable"] = True  # tqdm draws nothing; update() below counts and logs
+            super().__init__(*args, **kwargs)
+            # A disabled tqdm keeps almost nothing: hold what we log ourselves.
+            self.label = str(kwargs.get("desc") or "download")
+            self.size = float(kwargs.get("total") or 0)  # type: ignore[arg-type]
+            self.done = float(kwargs.get("initial") or 0)  # type: ignore[arg-type]
+            self.next_mark = 0.1
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.done += n or 0
+            total = self.size
+            if total and self.done / total >= self.next_mark:
+                log.info("%s: %.0f%% of %.0f MiB", self.label, 100 * self.done / total, total / 2**20)
+                while self.next_mark <= self.done / total:
+                    self.next_mark += 0.1
+            return None
+
+    return LoggedProgress
 
 
 def huggingface_copy(spec: str, token: str) -> str:
@@ -181,11 +220,15 @@ def huggingface_copy(spec: str, token: str) -> str:
         base = Path(stem).name
         names = [f"{folder}{base}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
     paths = []
+    progress = _logged_progress()
     for name in names:
-        log.info("downloading %s from Hugging Face repo %s", name, repo_id)
+        log.info("fetching %s from Hugging Face repo %s", name, repo_id)
         paths.append(_with_retries(
             f"download of {repo_id}/{name}",
-            lambda n=name: hf_hub_download(repo_id=repo_id, filename=n, token=token or None)))
+            # HF_ENDPOINT is read now, not at huggingface_hub's import, so mirrors work whatever imported it first.
+            lambda n=name: hf_hub_download(repo_id=repo_id, filename=n, token=token or None,
+                                           endpoint=os.environ.get("HF_ENDPOINT") or None, tqdm_class=progress),
+            _hub_final))
     return paths[0]
 
 
@@ -205,10 +248,11 @@ def fetch(spec: str, hf_token: str = "") -> str:
         return huggingface_copy(spec, hf_token)
     if kind == "clearml":
         log.info("fetching ClearML model %s", spec)
-        return _with_retries(f"download of ClearML model {spec}", lambda: clearml_io.clearml_model_copy(spec))
+        return _with_retries(f"download of ClearML model {spec}", lambda: clearml_io.clearml_model_copy(spec),
+                             _plain_final)
     if kind == "url":
         log.info("fetching %s", spec)
-        return _with_retries(f"download of {spec}", lambda: clearml_io.storage_copy(spec))
+        return _with_retries(f"download of {spec}", lambda: clearml_io.storage_copy(spec), _plain_final)
     raise ModelSourceError(
         f"cannot tell what model {spec!r} is: give a ClearML model ID, owner/repo/path/to/model.gguf, a path or a URL")
 
