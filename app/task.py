@@ -168,7 +168,14 @@ def clearml_model_copy(model_id: str) -> Optional[str]:
     """Download a ClearML model's file (no archive extraction) into ClearML's cache."""
     from clearml import InputModel
 
-    model = InputModel(model_id=model_id)
+    try:
+        model = InputModel(model_id=model_id)
+        uri = model.url
+    except AttributeError:
+        # The SDK logs the server's refusal and then fails on the missing record.
+        raise ValueError(f"no readable ClearML model with ID {model_id}") from None
+    if not uri:
+        raise ValueError(f"ClearML model {model_id} has no file (empty URI)")
     path = model.get_local_copy(extract_archive=False)
     return str(path) if path else None
 
