@@ -14,7 +14,7 @@ from app import config as cfg
 from app.api.app import create_app
 from app.api.auth import generate_key
 from app.model_source import ModelSourceError, default_alias, fetch, inspect_gguf
-from app.task import DEFAULT_PROJECT, DEFAULT_TASK_NAME, AppTask, offline_requested
+from app.task import DEFAULT_PROJECT, DEFAULT_TASK_NAME, AppTask, EndpointRegistration, offline_requested
 from app.telemetry.reporter import Reporter
 from app.runtime import Runtime
 from app.server import bind_socket, serve
@@ -172,8 +172,6 @@ def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float) 
     log.info("configuration: %s", config.masked())
     api_key = config.api_key or generate_key()
     runtime = Runtime(api_key=api_key, model_id=config.model_alias or default_alias(config.model))
-    reporter = Reporter(runtime, task, config.last_action_report_interval_sec,
-                        config.idle_time_limit_hours * 3600.0)
     if task is not None:
         task.connect_config(config)
         # A clone inherits its source's properties: start from a clean slate.
@@ -190,9 +188,20 @@ def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float) 
     log.info("listening on %s:%d", config.host, port)
     props = endpoint_properties(config.host, port, api_key, runtime.model_id)
     announce(props)
+    registration: Optional[EndpointRegistration] = None
     if task is not None:
         task.set_properties(**props)
-    loader = load_in_background(config, runtime, on_ready=lambda: reporter.set_status("idle"))
+        registration = EndpointRegistration(task, runtime.model_id, props["API base"], runtime.model_id,
+                                            config.model, config.last_action_report_interval_sec)
+    reporter = Reporter(runtime, task, config.last_action_report_interval_sec,
+                        config.idle_time_limit_hours * 3600.0, endpoint=registration)
+
+    def on_ready() -> None:
+        reporter.set_status("idle")
+        if registration is not None:
+            registration.register()
+
+    loader = load_in_background(config, runtime, on_ready=on_ready)
     reporter.start()
     app = create_app(runtime)
     try:
@@ -200,6 +209,8 @@ def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float) 
     finally:
         runtime.state = "stopping"
         reporter.stop()
+        if registration is not None:
+            registration.unregister()
         loader.join(timeout=60)
         if runtime.engine is not None:
             runtime.engine.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "llama.cpp Model Deployment"
 DEFAULT_TASK_NAME = "llama.cpp endpoint"
+SERVING_API_VERSION = "2.31"
 
 
 def has_credentials() -> bool:
@@ -115,7 +117,13 @@ class AppTask:
 
     def set_properties(self, **properties: Any) -> bool:
         props = {k: ("" if v is None else str(v)) for k, v in properties.items()}
-        return self._guard("property update", lambda: self.task.set_user_properties(**props))
+
+        def update() -> None:
+            self.task.set_user_properties(**props)
+            if "status" in props and not self.offline:
+                # Also a runtime property, where the server shows those (a no-op where it does not).
+                self.task._set_runtime_properties({"status": props["status"]})
+        return self._guard("property update", update)
 
     def report_scalar(self, title: str, series: str, value: float, iteration: int) -> bool:
         return self._guard("scalar report",
@@ -130,6 +138,30 @@ class AppTask:
     def mark_failed(self, cause: str) -> None:
         if not self.offline:
             self._guard("failure report", lambda: self.task.mark_failed(status_reason=cause, status_message=cause))
+
+    # --- Model Endpoints table (open-source server 1.17+, API 2.31) -----------------------
+
+    def endpoints_supported(self) -> bool:
+        """Can this server list us in its Model Endpoints table? Says why once when it cannot."""
+        if self.offline:
+            log.info("Model Endpoints registration skipped: offline")
+            return False
+        try:
+            supported = bool(self.task.session.check_min_api_server_version(SERVING_API_VERSION))
+        except Exception:
+            supported = False
+        if not supported:
+            log.info("Model Endpoints registration skipped: the server's API is older than %s", SERVING_API_VERSION)
+        return supported
+
+    def send_serving(self, action: str, payload: dict[str, Any]) -> bool:
+        """One call to the server's `serving` service; a refusal counts as a reporting failure."""
+        def call() -> None:
+            response = self.task.session.send_request("serving", action, version=SERVING_API_VERSION,
+                                                      method="post", json=payload)
+            if not response.ok:
+                raise RuntimeError(f"serving.{action} answered HTTP {response.status_code}")
+        return self._guard(f"serving.{action}", call)
 
     def close(self) -> None:
         if self._log_handler is not None:
@@ -155,6 +187,46 @@ class TaskLogHandler(logging.Handler):
             pass
         finally:
             self._inside.busy = False
+
+
+class EndpointRegistration:
+    """This instance as a row of the server's Model Endpoints table: register, report, unregister.
+
+    Payloads follow the server's `serving` schema (API 2.31): the container is
+    this task, `latency_ms` is an integer, and the registration lapses by
+    itself `timeout` seconds after the last report, so a killed app does not
+    linger in the table.
+    """
+
+    def __init__(self, task: AppTask, endpoint_name: str, endpoint_url: str, model_name: str, model_source: str,
+                 report_interval_s: float) -> None:
+        self.task = task
+        self.identity = {
+            "container_id": task.id, "endpoint_name": endpoint_name, "endpoint_url": endpoint_url,
+            "model_name": model_name, "model_source": model_source,
+            "reference": [{"type": "task", "value": task.id}],
+        }
+        self.timeout_s = int(max(600, 3 * report_interval_s))
+        self.started = time.monotonic()
+        self.registered = False
+
+    def register(self) -> None:
+        if self.task.endpoints_supported():
+            self.registered = self.task.send_serving("register_container",
+                                                     {**self.identity, "timeout": self.timeout_s})
+
+    def report(self, requests_total: int, requests_per_min: float, latency_ms: float) -> None:
+        if not self.registered:
+            return
+        self.task.send_serving("container_status_report", {
+            **self.identity, "uptime_sec": int(time.monotonic() - self.started), "requests_num": int(requests_total),
+            "requests_min": float(requests_per_min), "latency_ms": int(round(latency_ms)),
+        })
+
+    def unregister(self) -> None:
+        if self.registered:
+            self.task.send_serving("unregister_container", {"container_id": self.identity["container_id"]})
+            self.registered = False
 
 
 def _sections() -> dict[str, list[str]]:

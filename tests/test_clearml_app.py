@@ -137,3 +137,29 @@ def test_no_clearml_config_falls_back_to_offline_with_one_warning(tmp_path: Path
     app.wait_ready()
     assert app.wait_exit(60) == 0
     assert sum("running in offline mode" in line and "WARNING" in line for line in app.lines) == 1, app.log
+
+
+def test_sigterm_drains_and_reports_stopped(tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    app = start(tmp_path, "--idle-time-limit-hours", "0")
+    app.wait_ready()
+    client = openai.OpenAI(base_url=app.url + "/v1", api_key=API_KEY, max_retries=0)
+    result: dict[str, Any] = {}
+
+    def long_stream() -> None:
+        chunks = list(client.completions.create(model="g", prompt="Once", max_tokens=120, stream=True,
+                                                extra_body={"ignore_eos": True}))
+        result["reason"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+
+    worker = threading.Thread(target=long_stream)
+    worker.start()
+    time.sleep(0.5)
+    assert app.proc is not None
+    app.proc.send_signal(signal.SIGTERM)
+    assert app.wait_exit(60) == 0
+    worker.join(30)
+    assert result.get("reason") == "length"  # the in-flight stream finished in full
+    props = json.loads((session_dir(tmp_path) / "task.json").read_text())["hyperparams"]["properties"]
+    assert props["status"]["value"] == "stopped"

@@ -46,3 +46,13 @@ def test_unknown_model_id_fails_with_one_line(double: RunningDouble) -> None:
         fetch("ffffffffffffffffffffffffffffffff")
     assert "\n" not in str(err.value)
     assert "ffffffffffffffffffffffffffffffff" in str(err.value)
+
+
+def test_http_url_through_the_storage_manager(double: RunningDouble) -> None:
+    url = f"{double.url}/files/tiny-model.gguf"
+    path = fetch(url)
+    assert inspect_gguf(path).architecture == "llama"
+    assert fetch(url) == path
+    with pytest.raises(ModelSourceError) as err:
+        fetch(f"{double.url}/files/absent.gguf")
+    assert "\n" not in str(err.value)

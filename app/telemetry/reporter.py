@@ -27,13 +27,18 @@ class TaskSink(Protocol):
     def report_scalar(self, title: str, series: str, value: float, iteration: int) -> bool: ...
 
 
+class EndpointSink(Protocol):
+    def report(self, requests_total: int, requests_per_min: float, latency_ms: float) -> None: ...
+
+
 class Reporter:
     """Owns one thread; `start()` and `stop()` are its whole lifecycle."""
 
     def __init__(self, runtime: Runtime, sink: Optional[TaskSink], interval_s: float, idle_limit_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, endpoint: Optional[EndpointSink] = None) -> None:
         self.runtime = runtime
         self.sink = sink
+        self.endpoint = endpoint
         self.interval_s = interval_s
         self.idle_limit_s = idle_limit_s
         self._clock = clock
@@ -94,6 +99,10 @@ class Reporter:
             self.sink.report_scalar("latency ms", "p50", percentile(snap.latencies_ms, 0.5), it)
             self.sink.report_scalar("latency ms", "p95", percentile(snap.latencies_ms, 0.95), it)
         self.sink.report_scalar("tokens", "per second", snap.tokens_per_second, it)
+        if self.endpoint is not None:
+            per_min = snap.requests * 60.0 / snap.interval_s if snap.interval_s > 0 else 0.0
+            mean_ms = sum(snap.latencies_ms) / len(snap.latencies_ms) if snap.latencies_ms else 0.0
+            self.endpoint.report(snap.requests_total, per_min, mean_ms)
 
     def set_status(self, status: str) -> None:
         if status == self.status:

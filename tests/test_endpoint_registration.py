@@ -1,0 +1,100 @@
+"""Model Endpoints registration: payloads per the server's serving schema (API 2.31), skips and failures.
+
+The SDK has no schema for the `serving` service, so the task's session is a
+recording stand-in here; the required fields and types below are the
+server's (serving.conf: register_container, container_status_report,
+unregister_container).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from app.task import AppTask, EndpointRegistration
+
+REQUIRED = {"container_id", "endpoint_name", "model_name"}
+
+
+@dataclass
+class Response:
+    ok: bool = True
+    status_code: int = 200
+
+
+@dataclass
+class RecordingSession:
+    api_ok: bool = True
+    fail: bool = False
+    calls: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
+
+    def check_min_api_server_version(self, version: str) -> bool:
+        return self.api_ok
+
+    def send_request(self, service: str, action: str, version: str, method: str, json: dict[str, Any]) -> Response:
+        self.calls.append((service, action, version, json))
+        if self.fail:
+            raise ConnectionError("server unreachable")
+        return Response()
+
+
+@dataclass
+class StandInTask:
+    session: RecordingSession
+    id: str = "task0123"
+
+
+def registration(session: RecordingSession, offline: bool = False) -> EndpointRegistration:
+    return EndpointRegistration(AppTask(StandInTask(session), offline), "gemma.gguf", "http://10.0.0.5:8080/v1",
+                                "gemma.gguf", "org/repo/gemma.gguf", report_interval_s=30)
+
+
+def test_register_report_unregister_payloads() -> None:
+    session = RecordingSession()
+    reg = registration(session)
+    reg.register()
+    reg.report(requests_total=12, requests_per_min=3.5, latency_ms=41.6)
+    reg.unregister()
+    actions = [c[1] for c in session.calls]
+    assert actions == ["register_container", "container_status_report", "unregister_container"]
+    assert all(c[0] == "serving" and c[2] == "2.31" for c in session.calls)
+    register, status, unregister = (c[3] for c in session.calls)
+    assert REQUIRED <= set(register) and REQUIRED <= set(status)
+    assert register["endpoint_url"] == "http://10.0.0.5:8080/v1"
+    assert register["reference"] == [{"type": "task", "value": "task0123"}]
+    assert isinstance(register["timeout"], int) and register["timeout"] >= 600
+    assert status["latency_ms"] == 42 and isinstance(status["latency_ms"], int)
+    assert status["requests_num"] == 12 and isinstance(status["uptime_sec"], int)
+    assert unregister == {"container_id": "task0123"}
+
+
+@pytest.mark.parametrize("offline,api_ok", [(True, True), (False, False)])
+def test_skipped_quietly_offline_or_on_an_older_server(offline: bool, api_ok: bool,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    session = RecordingSession(api_ok=api_ok)
+    reg = registration(session, offline=offline)
+    reg.register()
+    reg.report(1, 1.0, 1.0)
+    reg.unregister()
+    assert session.calls == []
+    assert len([r for r in caplog.records if "Model Endpoints registration skipped" in r.message]) == 1
+
+
+def test_failures_are_logged_once_and_never_raise(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    session = RecordingSession(fail=True)
+    reg = registration(session)
+    reg.register()  # fails: not registered, so no status reports follow
+    reg.report(1, 1.0, 1.0)
+    assert [c[1] for c in session.calls] == ["register_container"]
+    session.fail = False
+    reg.register()
+    reg.report(2, 1.0, 1.0)
+    assert [c[1] for c in session.calls][-2:] == ["register_container", "container_status_report"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "serving.register_container" in warnings[0].message
+    assert any("recovered" in r.message for r in caplog.records)
