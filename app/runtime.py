@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from app.engine.engine import EngineProtocol
+from app.telemetry.hardware import HardwareSampler
 from app.telemetry.stats import RequestStats
 
 
@@ -17,6 +18,7 @@ class Runtime:
     api_key: str
     model_id: str
     stats: RequestStats = field(default_factory=RequestStats)
+    hardware: HardwareSampler = field(default_factory=HardwareSampler)
     engine: Optional[EngineProtocol] = None
     state: str = "loading"  # loading | ready | failed | stopping
     failure: Optional[str] = None

@@ -14,10 +14,13 @@ from app.api.auth import APIKeyAuth
 from app.api.errors import error_body, install_error_handlers
 from app.api.routes import api_router, extras_router, health_router
 from app.runtime import Runtime
+from app.telemetry.prometheus import LiveCollector
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# Probes and scrapes are not use: they are neither counted nor keep an idle app alive.
+UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})
 
 
 class StatsMiddleware:
@@ -29,7 +32,7 @@ class StatsMiddleware:
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
+        if scope["type"] != "http" or scope["path"] in UNCOUNTED_PATHS:
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
@@ -79,6 +82,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     app.state.started = time.time()
     auth = APIKeyAuth(runtime.api_key)
+    runtime.stats.metrics.registry.register(LiveCollector(runtime))
     install_error_handlers(app)
     app.include_router(health_router())
     app.include_router(api_router(auth))

@@ -8,7 +8,8 @@ import struct
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api import serving
 from app.api.errors import APIError, error_body
@@ -23,6 +24,7 @@ from app.api.protocol import (
 from app.engine.engine import EngineProtocol
 from app.engine.types import GenerationRequest
 from app.runtime import Runtime
+from app.telemetry.prometheus import render
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -138,8 +140,14 @@ def api_router(auth: Any) -> APIRouter:
 
 
 def extras_router(auth: Any) -> APIRouter:
-    """llama.cpp server's /tokenize and /detokenize, behind the key like everything but /health."""
+    """llama.cpp server's /tokenize and /detokenize, and /metrics: behind the key like everything but /health."""
     router = APIRouter(dependencies=[Depends(auth)])
+
+    @router.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        registry = runtime_of(request).stats.metrics.registry
+        body = await asyncio.to_thread(render, registry)  # reads the hardware sampler: not on the event loop
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import time
 from typing import Callable, Optional, Protocol
 
 from app.runtime import Runtime
+from app.telemetry.hardware import scalar_series
 from app.telemetry.stats import percentile
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,17 @@ class Reporter:
             self.sink.report_scalar("latency ms", "p50", percentile(snap.latencies_ms, 0.5), it)
             self.sink.report_scalar("latency ms", "p95", percentile(snap.latencies_ms, 0.95), it)
         self.sink.report_scalar("tokens", "per second", snap.tokens_per_second, it)
+        self.sink.report_scalar("tokens", "prompt per interval", snap.prompt_tokens, it)
+        self.sink.report_scalar("tokens", "generated per interval", snap.completion_tokens, it)
+        if snap.ttft_ms:
+            self.sink.report_scalar("latency ms", "ttft p50", percentile(snap.ttft_ms, 0.5), it)
+            self.sink.report_scalar("latency ms", "ttft p95", percentile(snap.ttft_ms, 0.95), it)
+        self.sink.report_scalar("requests", "in flight", snap.in_flight, it)
+        engine = self.runtime.engine
+        if engine is not None:
+            self.sink.report_scalar("requests", "queued", engine.queue_depth, it)
+        for title, series, value in scalar_series(self.runtime.hardware.latest()):
+            self.sink.report_scalar(title, series, value, it)
         if self.endpoint is not None:
             per_min = snap.requests * 60.0 / snap.interval_s if snap.interval_s > 0 else 0.0
             mean_ms = sum(snap.latencies_ms) / len(snap.latencies_ms) if snap.latencies_ms else 0.0

@@ -10,6 +10,8 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+from app.telemetry.prometheus import RequestMetrics
 from typing import Callable, Optional
 
 
@@ -49,6 +51,7 @@ class RequestStats:
 
     def __init__(self, clock: Optional[Callable[[], float]] = None) -> None:
         self._clock = clock or time.monotonic
+        self.metrics = RequestMetrics()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._last_activity = self._clock()
@@ -73,16 +76,16 @@ class RequestStats:
     def begin(self) -> float:
         with self._lock:
             self._in_flight += 1
-            now = self._clock()
-            self._last_activity = now
-            return now
+            return self._clock()
 
     def end(self, endpoint: str, status: int, started: float, ttft_s: Optional[float] = None,
             prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         with self._lock:
             now = self._clock()
             self._in_flight -= 1
-            self._last_activity = now
+            if status not in (401, 403):
+                # A caller without the key is not a user: scans must not keep an idle app alive.
+                self._last_activity = now
             self._total += 1
             self._requests += 1
             if status >= 400:
@@ -93,11 +96,8 @@ class RequestStats:
                 self._ttft.append(ttft_s * 1000.0)
             self._prompt_tokens += prompt_tokens
             self._completion_tokens += completion_tokens
-
-    def add_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
-        with self._lock:
-            self._prompt_tokens += prompt_tokens
-            self._completion_tokens += completion_tokens
+            latency_s = now - started
+        self.metrics.observe(endpoint, status, latency_s, ttft_s, prompt_tokens, completion_tokens)
 
     @property
     def in_flight(self) -> int:

@@ -1,0 +1,152 @@
+"""One sampler for the machine: psutil for CPU, memory, network and disk; NVML for each GPU.
+
+Both the reporter (ClearML scalars) and /metrics (Prometheus) read the same
+`HardwareSampler`; a sample younger than `max_age_s` is reused, so two
+readers never make two measurements. Rates (MB/s) are computed between
+consecutive samples. No NVML or no GPU: one log line and no GPU series.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+GB = 1024**3
+MB = 1024**2
+
+
+@dataclass
+class GPUSample:
+    index: int
+    name: str
+    utilization_pct: float
+    memory_used_gb: float
+    memory_total_gb: float
+    temperature_c: float
+
+
+@dataclass
+class HardwareSample:
+    at: float
+    cpu_system_pct: float
+    cpu_process_pct: float
+    memory_process_gb: float
+    memory_used_gb: float
+    memory_total_gb: float
+    net_rx_mbs: float
+    net_tx_mbs: float
+    disk_read_mbs: float
+    disk_write_mbs: float
+    gpus: list[GPUSample] = field(default_factory=list)
+
+
+class _NVML:
+    """NVML through pynvml (nvidia-ml-py), or nothing at all."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        self.names: list[str] = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                name = pynvml.nvmlDeviceGetName(handle)
+                self.handles.append(handle)
+                self.names.append(name.decode() if isinstance(name, bytes) else str(name))
+        except Exception as exc:  # no driver, no library, no device: GPU series are simply absent
+            log.info("no GPU metrics: NVML is not available (%s)", type(exc).__name__)
+            self.handles = []
+            return
+        if not self.handles:
+            log.info("no GPU metrics: NVML reports no GPU")
+        else:
+            log.info("GPU metrics from NVML: %s", ", ".join(self.names))
+
+    def sample(self) -> list[GPUSample]:
+        out = []
+        for i, handle in enumerate(self.handles):
+            try:
+                util = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+                mem = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                temp = self._nvml.nvmlDeviceGetTemperature(handle, self._nvml.NVML_TEMPERATURE_GPU)
+            except Exception:
+                continue
+            out.append(GPUSample(i, self.names[i], float(util.gpu), mem.used / GB, mem.total / GB, float(temp)))
+        return out
+
+
+class HardwareSampler:
+    """Thread-safe; `latest()` measures at most once per `max_age_s`."""
+
+    def __init__(self, max_age_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._process = psutil.Process()
+        self._nvml: Optional[_NVML] = None
+        self._last: Optional[HardwareSample] = None
+        self._counters = self._read_counters()
+        self._counters_at = clock()
+        # psutil's CPU percentages are deltas since the previous call: prime them.
+        psutil.cpu_percent(None)
+        self._process.cpu_percent(None)
+
+    def _read_counters(self) -> tuple[int, int, int, int]:
+        net = psutil.net_io_counters()
+        disk = psutil.disk_io_counters()
+        return (net.bytes_recv if net else 0, net.bytes_sent if net else 0,
+                disk.read_bytes if disk else 0, disk.write_bytes if disk else 0)
+
+    def latest(self) -> HardwareSample:
+        with self._lock:
+            now = self._clock()
+            if self._last is not None and now - self._last.at < self.max_age_s:
+                return self._last
+            if self._nvml is None:
+                self._nvml = _NVML()
+            counters = self._read_counters()
+            elapsed = max(now - self._counters_at, 1e-6)
+            rates = [(c - p) / MB / elapsed for c, p in zip(counters, self._counters)]
+            self._counters, self._counters_at = counters, now
+            vm = psutil.virtual_memory()
+            self._last = HardwareSample(
+                at=now,
+                cpu_system_pct=psutil.cpu_percent(None),
+                cpu_process_pct=self._process.cpu_percent(None),
+                memory_process_gb=self._process.memory_info().rss / GB,
+                memory_used_gb=(vm.total - vm.available) / GB,
+                memory_total_gb=vm.total / GB,
+                net_rx_mbs=max(rates[0], 0.0), net_tx_mbs=max(rates[1], 0.0),
+                disk_read_mbs=max(rates[2], 0.0), disk_write_mbs=max(rates[3], 0.0),
+                gpus=self._nvml.sample(),
+            )
+            return self._last
+
+
+def scalar_series(sample: HardwareSample) -> list[tuple[str, str, float]]:
+    """(title, series, value) for ClearML, the names the README lists."""
+    rows = [
+        ("cpu", "system %", sample.cpu_system_pct),
+        ("cpu", "process %", sample.cpu_process_pct),
+        ("memory", "process GB", sample.memory_process_gb),
+        ("memory", "system used GB", sample.memory_used_gb),
+        ("network", "rx MB/s", sample.net_rx_mbs),
+        ("network", "tx MB/s", sample.net_tx_mbs),
+        ("disk", "read MB/s", sample.disk_read_mbs),
+        ("disk", "write MB/s", sample.disk_write_mbs),
+    ]
+    for gpu in sample.gpus:
+        title = f"gpu {gpu.index}"
+        rows += [(title, "utilization %", gpu.utilization_pct), (title, "memory used GB", gpu.memory_used_gb),
+                 (title, "memory total GB", gpu.memory_total_gb), (title, "temperature C", gpu.temperature_c)]
+    return rows

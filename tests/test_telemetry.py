@@ -1,0 +1,131 @@
+"""Telemetry: /metrics in Prometheus format, the hardware sampler, and a reporter that survives ClearML failing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.runtime import Runtime
+from app.task import AppTask
+from app.telemetry.hardware import HardwareSampler, scalar_series
+from app.telemetry.reporter import Reporter
+from tests.conftest import API_KEY, ThreadedServer
+from tests.fake_engine import FakeEngine
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    r = httpx.get(url + "/metrics", headers={"X-Api-Key": API_KEY})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def test_metrics_counters_match_the_requests_sent(fake_server: ThreadedServer, fake_engine: FakeEngine) -> None:
+    client = openai.OpenAI(base_url=fake_server.url + "/v1", api_key=API_KEY, max_retries=0)
+    usage = 0
+    for _ in range(2):
+        out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        usage += out.usage.completion_tokens if out.usage else 0
+    list(client.completions.create(model="m", prompt="x", stream=True, max_tokens=5))
+    usage += 5
+    httpx.get(fake_server.url + "/v1/models", headers={"X-Api-Key": "wrong"})
+    m = scrape(fake_server.url)
+    chat = (("endpoint", "/v1/chat/completions"), ("status", "200"))
+    assert m[("llamacpp_requests_total", chat)] == 2
+    assert m[("llamacpp_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] == 1
+    assert m[("llamacpp_requests_total", (("endpoint", "/v1/models"), ("status", "401")))] == 1
+    assert m[("llamacpp_request_latency_seconds_count", (("endpoint", "/v1/chat/completions"),))] == 2
+    assert m[("llamacpp_time_to_first_token_seconds_count", ())] == 3
+    assert m[("llamacpp_completion_tokens_total", ())] == usage
+    assert m[("llamacpp_in_flight_requests", ())] == 0
+    assert m[("llamacpp_slots_total", ())] == fake_engine.parallel
+    assert m[("llamacpp_memory_process_bytes", ())] > 10 * 1024**2
+    assert ("llamacpp_cpu_system_percent", ()) in m
+    assert not any(name.startswith("llamacpp_gpu_") for name, _ in m)  # no GPU here: no GPU series
+    assert ("llamacpp_requests_total", (("endpoint", "/metrics"), ("status", "200"))) not in m
+
+
+def test_metrics_needs_the_key_and_scrapes_are_not_activity(fake_server: ThreadedServer) -> None:
+    assert httpx.get(fake_server.url + "/metrics").status_code == 401
+    stats = fake_server.runtime.stats
+    before = stats.idle_seconds()
+    time.sleep(0.3)
+    scrape(fake_server.url)
+    httpx.get(fake_server.url + "/v1/models", headers={"X-Api-Key": "scanner"})  # a caller without the key
+    assert stats.idle_seconds() >= before + 0.3
+
+
+def test_hardware_sampler_reuses_a_fresh_sample() -> None:
+    now = [0.0]
+    sampler = HardwareSampler(max_age_s=1.0, clock=lambda: now[0])
+    now[0] = 5.0
+    first = sampler.latest()
+    assert sampler.latest() is first
+    now[0] = 6.5
+    second = sampler.latest()
+    assert second is not first and second.memory_total_gb > 0
+    names = {(t, s) for t, s, _ in scalar_series(second)}
+    assert {("cpu", "system %"), ("memory", "process GB"), ("network", "rx MB/s"), ("disk", "write MB/s")} <= names
+
+
+@dataclass
+class FlakyLogger:
+    failing: bool = True
+    calls: int = 0
+    reported: list[tuple[str, str]] = field(default_factory=list)
+
+    def report_scalar(self, title: str, series: str, value: float, iteration: int) -> None:
+        self.calls += 1
+        if self.failing:
+            raise ConnectionError("ClearML server unreachable")
+        self.reported.append((title, series))
+
+
+@dataclass
+class FlakyTask:
+    logger: FlakyLogger = field(default_factory=FlakyLogger)
+    id: str = "flaky"
+
+    def get_logger(self) -> FlakyLogger:
+        return self.logger
+
+    def set_user_properties(self, **props: Any) -> None:
+        if self.logger.failing:
+            raise ConnectionError("ClearML server unreachable")
+
+
+def test_reporter_keeps_serving_and_trying_while_clearml_fails(fake_engine: FakeEngine,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    runtime = Runtime(api_key=API_KEY, model_id="m", engine=fake_engine, state="ready")
+    task = FlakyTask()
+    reporter = Reporter(runtime, AppTask(task, offline=True), interval_s=0.05, idle_limit_s=0)
+    with ThreadedServer(runtime) as server:
+        reporter.start()
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+            for _ in range(3):
+                assert client.completions.create(model="m", prompt="x", max_tokens=3).choices[0].text
+                time.sleep(0.1)
+            attempts = task.logger.calls
+            assert attempts >= 3  # it kept trying
+            task.logger.failing = False
+            deadline = time.time() + 5
+            while ("requests", "total") not in task.logger.reported and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            reporter.stop()
+    assert ("requests", "total") in task.logger.reported
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "ClearML" in r.message]
+    assert len(warnings) == 1  # one line per outage
+    assert any("recovered" in r.message for r in caplog.records)
