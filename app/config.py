@@ -21,6 +21,7 @@ ADVANCED = "Advanced Options"
 SECTIONS = (GENERAL, ADVANCED)
 
 FORMAT_VERSION = 1
+MASK = "***"  # how exports show secrets; importing it means "not given"
 
 # 9999 is the launch form's "all layers" value, kept as llama.cpp understands it.
 ALL_GPU_LAYERS = 9999
@@ -111,7 +112,7 @@ class AppConfig(BaseModel):
         out = self.model_dump()
         for name in secret_fields():
             if out[name]:
-                out[name] = "***"
+                out[name] = MASK
         return out
 
     def to_sections(self) -> dict[str, dict[str, Any]]:
@@ -206,6 +207,9 @@ def flatten_document(raw: dict[str, Any], source: str = "config") -> dict[str, A
                 flat[name] = inner
         else:
             flat[key] = value
+    for name in secret_fields():
+        if flat.get(name) == MASK:
+            del flat[name]  # a masked export: the secret was not exported, so it is not set
     return flat
 
 

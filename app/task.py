@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -96,9 +97,7 @@ class AppTask:
             values["hf_token"] = ""
         for section, names in _sections().items():
             self.task.connect({n: values[n] for n in names}, name=section)
-            for n in names:
-                self.task.set_parameter(f"{section}/{n}", values[n], description=cfg.field_description(n),
-                                        value_type=type(values[n]))
+        write_parameters(self.task, values)
 
     # --- reporting (never raises) -----------------------------------------------------
 
@@ -229,6 +228,15 @@ class EndpointRegistration:
             self.registered = False
 
 
+def write_parameters(task: Any, values: dict[str, Any]) -> None:
+    """Every field as `Section/name` with its description and type, as the launch form shows them (one update)."""
+    keys = {f"{cfg.field_section(n)}/{n}": n for n in cfg.field_names()}
+    task.update_parameters(
+        {key: values[n] for key, n in keys.items()},
+        **{"__parameters_descriptions": {key: cfg.field_description(n) for key, n in keys.items()},
+           "__parameters_types": {key: type(values[n]).__name__ for key, n in keys.items()}})
+
+
 def _sections() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {s: [] for s in cfg.SECTIONS}
     for name in cfg.field_names():
@@ -258,3 +266,55 @@ def storage_copy(url: str) -> Optional[str]:
 
     path = StorageManager.get_local_copy(url, extract_archive=False)
     return str(path) if path else None
+
+
+# --- instances: launch, clone, export (the SDK calls behind `python -m app.instances`) ----------------------
+
+# Properties the app writes about itself; a clone must not show its source's.
+APP_PROPERTIES = ("status", "App URL", "API base", "API key", "test command", "idle time (s)", "last action", "model")
+
+
+@dataclass
+class Launched:
+    id: str
+    url: str
+    queue: str
+
+
+def create_instance(config: cfg.AppConfig, project: str, name: str, repo: Optional[str], branch: Optional[str],
+                    commit: Optional[str], requirements: str, queue: str) -> Launched:
+    """A new app task running `python -m app` from this repository, its form filled in, enqueued."""
+    from clearml import Task
+
+    task = Task.create(project_name=project, task_name=name, task_type="application", repo=repo, branch=branch,
+                       commit=commit, module="app", working_directory=".", requirements_file=requirements,
+                       add_task_init_call=False, detect_repository=repo is None)
+    write_parameters(task, config.model_dump())
+    return _enqueue(task, queue)
+
+
+def clone_instance(source_id: str, edits: dict[str, Any], name: Optional[str], queue: str) -> Launched:
+    """A copy of an instance with its configuration (plus edits), without its app-owned properties, enqueued."""
+    from clearml import Task
+
+    source = Task.get_task(task_id=source_id)
+    config = cfg.build({**cfg.from_strings(source.get_parameters() or {}), **edits})
+    clone = Task.clone(source_task=source, name=name or f"{source.name} (clone)")
+    write_parameters(clone, config.model_dump())
+    clone.delete_user_properties([("properties", name) for name in APP_PROPERTIES])
+    return _enqueue(clone, queue)
+
+
+def instance_config(task_id: str) -> cfg.AppConfig:
+    """An instance's configuration, as its task's hyperparameters hold it (strings, cast and validated)."""
+    from clearml import Task
+
+    task = Task.get_task(task_id=task_id)
+    return cfg.build(cfg.from_strings(task.get_parameters() or {}))
+
+
+def _enqueue(task: Any, queue: str) -> Launched:
+    from clearml import Task
+
+    Task.enqueue(task, queue_name=queue)
+    return Launched(task.id, task.get_output_log_web_page(), queue)

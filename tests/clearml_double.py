@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ class ClearMLDouble:
     files: dict[str, Path] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     handlers: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
+    projects: dict[str, str] = field(default_factory=dict)  # id -> name
+    queues: dict[str, str] = field(default_factory=lambda: {"q-default": "default", "q-gpu": "gpu"})
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    enqueued: list[tuple[str, str]] = field(default_factory=list)  # (task id, queue id)
 
     def add_model(self, model_id: str, name: str, file: Path, base_url: str) -> None:
         self.files[file.name] = file
@@ -63,6 +68,12 @@ class ClearMLDouble:
         request = request_cls.from_dict({k: v for k, v in body.items() if k != "method"})
         if endpoint in self.handlers:
             return 200, self.handlers[endpoint](request)
+        store = getattr(self, "_" + endpoint.replace(".", "_"), None)
+        if store is not None:
+            result = store(body)
+            if isinstance(result, tuple):
+                return result
+            return 200, response_cls.from_dict(result).to_dict()
         if endpoint == "models.get_by_id":
             model = self.models.get(request.model)
             if model is None:
@@ -70,6 +81,101 @@ class ClearMLDouble:
             module = importlib.import_module(f"clearml.backend_api.services.v{API_VERSION.replace('.', '_')}.models")
             return 200, response_cls(model=module.Model(**model)).to_dict()
         return 400, {"__msg": f"the double does not implement {endpoint}", "__subcode": 0}
+
+    # --- a small task store: what launching, cloning and exporting need ------------------------
+
+    def queue_id(self, name: str) -> Optional[str]:
+        return next((qid for qid, qname in self.queues.items() if qname == name), None)
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}{len(self.tasks) + len(self.projects) + 1:030d}"[-32:]
+
+    def _projects_get_all(self, body: dict[str, Any]) -> dict[str, Any]:
+        pattern = body.get("name")
+        found = [{"id": pid, "name": name} for pid, name in self.projects.items()
+                 if pattern is None or re.fullmatch(pattern.strip("^$").replace("\\", ""), name)
+                 or re.match(pattern, name)]
+        return {"projects": found}
+
+    def _projects_create(self, body: dict[str, Any]) -> dict[str, Any]:
+        pid = self._new_id("p")
+        self.projects[pid] = body["name"]
+        return {"id": pid}
+
+    def _queues_get_all(self, body: dict[str, Any]) -> dict[str, Any]:
+        pattern = body.get("name")
+        return {"queues": [{"id": qid, "name": name} for qid, name in self.queues.items()
+                           if pattern is None or re.match(pattern, name)]}
+
+    def _tasks_create(self, body: dict[str, Any]) -> dict[str, Any]:
+        tid = self._new_id("t")
+        task = {k: v for k, v in body.items() if k != "method"}
+        task.update(id=tid, status="created", hyperparams=task.get("hyperparams") or {},
+                    configuration=task.get("configuration") or {}, runtime={})
+        self.tasks[tid] = task
+        return {"id": tid}
+
+    def _task_view(self, task: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"id", "name", "type", "status", "project", "comment", "script", "hyperparams", "configuration",
+                   "execution", "tags", "system_tags", "parent", "runtime", "container", "output"}
+        return {k: v for k, v in task.items() if k in allowed}
+
+    def _tasks_get_all(self, body: dict[str, Any]) -> dict[str, Any]:
+        ids = body.get("id")
+        ids = [ids] if isinstance(ids, str) else ids
+        found = [self._task_view(t) for t in self.tasks.values() if not ids or t["id"] in ids]
+        return {"tasks": found}
+
+    def _tasks_get_by_id(self, body: dict[str, Any]) -> Any:
+        task = self.tasks.get(body["task"])
+        if task is None:
+            return 400, {"__msg": f"Invalid task id: {body['task']}", "__subcode": 101}
+        return {"task": self._task_view(task)}
+
+    def _tasks_edit(self, body: dict[str, Any]) -> dict[str, Any]:
+        task = self.tasks[body["task"]]
+        for key, value in body.items():
+            if key not in ("task", "force", "method"):
+                task[key] = value
+        return {"updated": 1, "fields": {}}
+
+    def _tasks_edit_hyper_params(self, body: dict[str, Any]) -> dict[str, Any]:
+        task = self.tasks[body["task"]]
+        if body.get("replace_hyperparams") == "all":
+            task["hyperparams"] = {}
+        for p in body.get("hyperparams", []):
+            section = task["hyperparams"].setdefault(p["section"], {})
+            section[p["name"]] = {k: v for k, v in p.items()}
+        return {"updated": 1}
+
+    def _tasks_get_hyper_params(self, body: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for tid in body["tasks"]:
+            params = [v for section in self.tasks[tid]["hyperparams"].values() for v in section.values()]
+            out.append({"task": tid, "hyperparams": params})
+        return {"params": out}
+
+    def _tasks_delete_hyper_params(self, body: dict[str, Any]) -> dict[str, Any]:
+        task = self.tasks[body["task"]]
+        for p in body.get("hyperparams", []):
+            task["hyperparams"].get(p["section"], {}).pop(p.get("name"), None)
+        return {"deleted": 1}
+
+    def _tasks_clone(self, body: dict[str, Any]) -> dict[str, Any]:
+        source = self.tasks[body["task"]]
+        tid = self._new_id("t")
+        clone = json.loads(json.dumps(source))
+        clone.update(id=tid, status="created", parent=source["id"])
+        if body.get("new_task_name"):
+            clone["name"] = body["new_task_name"]
+        self.tasks[tid] = clone
+        return {"id": tid, "new_project": None}
+
+    def _tasks_enqueue(self, body: dict[str, Any]) -> dict[str, Any]:
+        task = self.tasks[body["task"]]
+        task["status"] = "queued"
+        self.enqueued.append((task["id"], body["queue"]))
+        return {"queued": 1, "updated": 1, "fields": {}}
 
     def serve(self) -> "RunningDouble":
         return RunningDouble(self)
