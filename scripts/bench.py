@@ -163,7 +163,49 @@ def measure_server(client: HTTPClient, runs: int, tokens: int) -> dict[str, Any]
         out[f"aggregate_tps_{n}"], broken = aggregate(client, n, tokens)
         if broken:
             out[f"aggregate_broken_{n}"] = broken
+    shared = [shared_prefix(client, run, tokens // 2) for run in range(runs)]
+    out["shared_prefix_ttft_p50_ms"] = statistics.median(ttft for ttft, _ in shared)
+    out["shared_prefix_tps"] = statistics.median(tps for _, tps in shared)
+    out["ttft_under_load_p95_ms"] = ttft_under_load(client, tokens)
     return out
+
+
+QUESTIONS = ["Who founded the city?", "What did the sailors bring?", "Name one recipe.", "Which song survived?"]
+
+
+def shared_prefix(client: HTTPClient, run: int, tokens: int) -> tuple[float, float]:
+    """4 clients arrive together with the same ~1,000-token system prompt and different questions:
+    (TTFT p50 in ms, aggregate tokens/s). The prompt changes per run so earlier runs cannot help."""
+    system = f"System prompt, edition {run}.\n" + LONG_BODY * 26
+    results: list[StreamResult] = []
+    lock = threading.Lock()
+
+    def one(question: str) -> None:
+        r = client.stream(f"{system}\nQuestion: {question}\nAnswer:", tokens)
+        with lock:
+            results.append(r)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(q,)) for q in QUESTIONS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    return statistics.median(r.ttft_s for r in results) * 1000, sum(r.tokens for r in results) / wall
+
+
+def ttft_under_load(client: HTTPClient, tokens: int) -> float:
+    """TTFT p95 (ms) of short requests sent one after another while 4 long streams decode."""
+    long_threads = [threading.Thread(target=client.stream, args=(f"Long story {i}: {SHORT_PROMPT}", tokens * 3))
+                    for i in range(4)]
+    for t in long_threads:
+        t.start()
+    time.sleep(1.0)  # the long streams are decoding now
+    ttfts = [client.stream(f"Quick question {i}:", 2).ttft_s for i in range(8)]
+    for t in long_threads:
+        t.join()
+    return pct_ms(ttfts)[1]
 
 
 def aggregate(client: HTTPClient, n: int, tokens: int) -> tuple[float, int]:
@@ -299,6 +341,9 @@ ROWS = [
     ("ttft_long_p95_ms", "TTFT ~1,000-token prompt p95 ms"),
     ("prompt_tps", "prompt processing tok/s (~1,000-token prompt, from TTFT)"),
     *[(f"aggregate_tps_{n}", f"aggregate decode tok/s, {n} stream{'s' if n > 1 else ''}") for n in CONCURRENCY],
+    ("shared_prefix_ttft_p50_ms", "shared ~1,000-token prefix, 4 clients at once: TTFT p50 ms"),
+    ("shared_prefix_tps", "shared ~1,000-token prefix, 4 clients at once: aggregate tok/s"),
+    ("ttft_under_load_p95_ms", "TTFT p95 ms of a short request while 4 long streams run"),
     ("cold_start_s", "cold start to ready, s (model cached)"),
     ("peak_rss_mb", "peak RSS MB"),
 ]
