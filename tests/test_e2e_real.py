@@ -158,3 +158,51 @@ def test_disconnect_frees_the_engine(real_app: AppProcess) -> None:
             break
         time.sleep(0.05)
     assert health["slots_processing"] == 0, health
+
+
+SEQUENCES = [
+    ("1, 2, 3, 4, 5,", " 6, 7, 8"),
+    ("A, B, C, D, E,", " F, G, H"),
+    ("Monday, Tuesday, Wednesday,", " Thursday, Friday"),
+    ("January, February, March,", " April, May, June"),
+    ("10, 20, 30, 40,", " 50, 60, 70"),
+    ("a b c d e f", " g h i j k"),
+]
+
+
+def test_many_concurrent_streams_are_never_mixed_or_cut(client: openai.OpenAI) -> None:
+    """Twelve concurrent streams on 4 sequences (the rest queue): each continues its own sequence, in full."""
+    results: dict[int, tuple[str, str | None, int]] = {}
+
+    def run(i: int) -> None:
+        prompt = SEQUENCES[i % len(SEQUENCES)][0]
+        chunks = list(client.completions.create(model="g", prompt=prompt, max_tokens=12, temperature=0,
+                                                stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        results[i] = (text, reason, chunks[-1].usage.completion_tokens if chunks[-1].usage else -1)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == list(range(12))
+    for i, (text, reason, n) in results.items():
+        expected = SEQUENCES[i % len(SEQUENCES)][1]
+        assert text.startswith(expected), (i, text)  # its own continuation: nothing from another stream
+        assert reason == "length" and n == 12  # and not cut short
+
+
+def test_a_growing_chat_reuses_its_prefix(client: openai.OpenAI) -> None:
+    history = [{"role": "system", "content": "You are a terse assistant. " * 20},
+               {"role": "user", "content": "Name a colour."}]
+    first = client.chat.completions.create(model="g", messages=history, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    history += [{"role": "assistant", "content": first.choices[0].message.content or "red"},
+                {"role": "user", "content": "Another one?"}]
+    second = client.chat.completions.create(model="g", messages=history, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert details.cached_tokens >= first.usage.prompt_tokens - 2  # the whole earlier prompt came from the cache
