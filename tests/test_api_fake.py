@@ -257,3 +257,36 @@ def test_sse_wire_format(fake_server: ThreadedServer) -> None:
     for line in lines[:-1]:
         assert line.startswith("data: ")
         assert json.loads(line[6:])["object"] == "chat.completion.chunk"
+
+
+@pytest.mark.parametrize("content", [
+    b"[" * 100_000 + b"]" * 100_000,  # deeply nested: must not reach Python's recursion limit as a 500
+    b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+])
+def test_deeply_nested_json_is_400(fake_server: ThreadedServer, content: bytes) -> None:
+    r = httpx.post(fake_server.url + "/v1/chat/completions", content=content,
+                   headers={"X-Api-Key": API_KEY, "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": 5},
+    {"type": "nonsense"},
+    {"$ref": "#/definitions/missing"},
+])
+def test_invalid_json_schema_is_400_and_the_next_request_is_served(fake_server: ThreadedServer, schema: dict) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    r = httpx.post(fake_server.url + "/v1/chat/completions", json=body, headers={"X-Api-Key": API_KEY})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == "response_format"
+    ok = httpx.post(fake_server.url + "/v1/chat/completions", headers={"X-Api-Key": API_KEY},
+                    json={"messages": [{"role": "user", "content": "x"}]})
+    assert ok.status_code == 200
+
+
+def test_huge_max_tokens_is_context_length_exceeded(fake_server: ThreadedServer) -> None:
+    r = httpx.post(fake_server.url + "/v1/completions", headers={"X-Api-Key": API_KEY},
+                   json={"prompt": "x", "max_tokens": 10**12})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
