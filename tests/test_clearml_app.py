@@ -172,6 +172,10 @@ def test_sigterm_drains_and_reports_stopped(tmp_path: Path) -> None:
     time.sleep(0.5)
     assert app.proc is not None
     app.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    late = httpx.post(app.url + "/v1/completions", headers={"X-Api-Key": API_KEY},
+                      json={"prompt": "too late", "max_tokens": 2})
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
     assert app.wait_exit(60) == 0
     worker.join(30)
     assert result.get("reason") == "length"  # the in-flight stream finished in full

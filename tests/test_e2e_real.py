@@ -206,3 +206,20 @@ def test_a_growing_chat_reuses_its_prefix(client: openai.OpenAI) -> None:
     details = second.usage.prompt_tokens_details
     assert details is not None and details.cached_tokens is not None
     assert details.cached_tokens >= first.usage.prompt_tokens - 2  # the whole earlier prompt came from the cache
+
+
+def test_disconnect_during_the_prompt_frees_the_sequence(real_app: AppProcess) -> None:
+    h = {"Authorization": f"Bearer {API_KEY}"}
+    prompt = "The history of the city is long and full of surprising turns. " * 70  # ~900 tokens, 2 chunks
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(real_app.url + "/v1/completions", headers=h, timeout=0.3,
+                   json={"prompt": prompt, "max_tokens": 100})
+    # Uncancelled, the prompt and 100 tokens would take ~3 s more; cancelled, the next chunk boundary ends it.
+    deadline = time.time() + 1.2
+    health = httpx.get(real_app.url + "/health").json()
+    while health["slots_processing"] and time.time() < deadline:
+        time.sleep(0.05)
+        health = httpx.get(real_app.url + "/health").json()
+    assert health["slots_processing"] == 0, health
+    out = httpx.post(real_app.url + "/v1/completions", headers=h, json={"prompt": "Hi", "max_tokens": 2})
+    assert out.status_code == 200
