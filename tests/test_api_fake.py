@@ -118,7 +118,9 @@ def test_models(fake_server: ThreadedServer) -> None:
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"X-Api-Key": "wrong"},
                                      {"Authorization": "Basic " + API_KEY}])
 def test_auth_required(fake_server: ThreadedServer, headers: dict[str, str]) -> None:
-    for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize")]:
+    for method, path in [("GET", "/v1/models"), ("GET", "/v1/models/fake-model.gguf"), ("POST", "/v1/chat/completions"),
+                         ("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("POST", "/tokenize"),
+                         ("POST", "/detokenize"), ("GET", "/metrics"), ("GET", "/openapi.json")]:
         r = httpx.request(method, fake_server.url + path, headers=headers, json={})
         assert r.status_code == 401, path
         assert r.json()["error"]["code"] == "invalid_api_key"
@@ -153,6 +155,12 @@ def test_bad_input_is_400_openai_shaped(fake_server: ThreadedServer, body: dict,
     assert err["param"] == param
     # ... and the server keeps serving
     assert httpx.get(fake_server.url + "/v1/models", headers={"X-Api-Key": API_KEY}).status_code == 200
+
+
+def test_body_without_json_content_type_is_400(fake_server: ThreadedServer) -> None:
+    r = httpx.post(fake_server.url + "/v1/chat/completions", content=b'{"messages": []}',
+                   headers={"X-Api-Key": API_KEY})
+    assert r.status_code == 400 and "Content-Type" in r.json()["error"]["message"]
 
 
 def test_malformed_json(fake_server: ThreadedServer) -> None:

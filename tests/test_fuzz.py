@@ -24,7 +24,7 @@ def fuzz_app():  # type: ignore[no-untyped-def]
     return create_app(Runtime(api_key=API_KEY, model_id=engine.model_id, engine=engine, state="ready"))
 
 
-schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app())
+schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app(), headers={"X-Api-Key": API_KEY})
 
 
 @schema.parametrize()

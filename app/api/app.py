@@ -77,8 +77,11 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 def create_app(runtime: Runtime) -> FastAPI:
     """The whole HTTP surface, bound to one Runtime."""
+    # FastAPI's own /openapi.json, /docs and /redoc would answer without the key (and the docs pages load
+    # from a CDN): the schema is served behind the key by extras_router instead.
     app = FastAPI(title="llama.cpp Model Deployment for ClearML", version="0.1.0",
-                  description="An OpenAI-compatible endpoint serving a GGUF model in-process.")
+                  description="An OpenAI-compatible endpoint serving a GGUF model in-process.",
+                  openapi_url=None, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.state.started = time.time()
     auth = APIKeyAuth(runtime.api_key)

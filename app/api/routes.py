@@ -143,6 +143,10 @@ def extras_router(auth: Any) -> APIRouter:
     """llama.cpp server's /tokenize and /detokenize, and /metrics: behind the key like everything but /health."""
     router = APIRouter(dependencies=[Depends(auth)])
 
+    @router.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(request.app.openapi())
+
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
         registry = runtime_of(request).stats.metrics.registry
