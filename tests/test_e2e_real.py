@@ -109,6 +109,13 @@ def test_bad_input_then_still_serving(client: openai.OpenAI, real_app: AppProces
     r = httpx.post(real_app.url + "/v1/chat/completions", content=b"{nope",
                    headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    for bad_ids in ([-1], [10**9], []):
+        r = httpx.post(real_app.url + "/v1/embeddings", json={"input": [bad_ids] if bad_ids else [[]]},
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+        r = httpx.post(real_app.url + "/v1/completions", json={"prompt": bad_ids or [[]], "max_tokens": 2},
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 400, r.text
     out = client.completions.create(model="g", prompt="Hi", max_tokens=2)
     assert out.choices[0].text
 

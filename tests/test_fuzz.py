@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 
 from app.api.app import create_app
 from app.runtime import Runtime
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, AppProcess
 from tests.fake_engine import FakeEngine
 
 MAX_EXAMPLES = 25
@@ -37,3 +37,36 @@ def test_no_500_and_errors_are_openai_shaped(case: schemathesis.Case) -> None:
         body = json.loads(response.text)
         assert set(body["error"]) >= {"message", "type", "param", "code"}, body
         assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+# --- a smaller run against the real model through the real app -----------------------------------------
+
+
+def test_real_model_no_500(real_app: AppProcess) -> None:
+    """4 derandomised examples per operation against the real app on the real model."""
+    real = schemathesis.openapi.from_url(real_app.url + "/openapi.json", headers={"X-Api-Key": API_KEY})
+    tried = 0
+    for result in real.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+                  database=None)
+        def check(case: schemathesis.Case) -> None:
+            nonlocal tried
+            if isinstance(case.body, dict):
+                # Keep each generated request small on 2 cores; every other field stays as generated.
+                if isinstance(case.body.get("max_tokens"), int) and case.body["max_tokens"] > 8:
+                    case.body["max_tokens"] = 8
+                case.body.pop("max_completion_tokens", None)
+                if isinstance(case.body.get("n"), int) and case.body["n"] > 2:
+                    case.body["n"] = 2
+                case.body.setdefault("max_tokens", 8)
+            response = case.call(base_url=real_app.url, headers={"X-Api-Key": API_KEY}, timeout=120)
+            tried += 1
+            assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
+            if response.status_code >= 400:
+                assert set(json.loads(response.text)["error"]) >= {"message", "type", "param", "code"}
+
+        check()
+    assert tried >= 9

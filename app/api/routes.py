@@ -123,7 +123,7 @@ def api_router(auth: Any) -> APIRouter:
                     raise APIError(400, "input strings must not be empty", param="input")
                 inputs.append(await asyncio.to_thread(engine.tokenize, item, True, False))
             else:
-                inputs.append([int(t) for t in item])
+                inputs.append(serving.check_token_ids(engine, item, "input"))
         vectors = await engine.embed(inputs)
         n_tokens = sum(len(t) for t in inputs)
         metrics_of(request)["prompt_tokens"] = n_tokens
@@ -164,11 +164,8 @@ def extras_router(auth: Any) -> APIRouter:
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
         engine = engine_of(request)
-        check = getattr(engine, "valid_token", None)
-        bad = [t for t in body.tokens if check is not None and not check(t)]
-        if bad:
-            raise APIError(400, f"token ids outside the vocabulary: {bad[:5]}", param="tokens")
-        return {"content": await asyncio.to_thread(engine.detokenize, body.tokens)}
+        tokens = serving.check_token_ids(engine, body.tokens, "tokens") if body.tokens else []
+        return {"content": await asyncio.to_thread(engine.detokenize, tokens)}
 
     return router
 

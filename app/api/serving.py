@@ -281,10 +281,7 @@ async def build_completion(engine: EngineProtocol, body: CompletionRequest) -> l
             tokens = await asyncio.to_thread(engine.tokenize, prompt, True, False)
             text = prompt
         else:
-            tokens = [int(t) for t in prompt]
-            bad = [t for t in tokens if not _valid_token(engine, t)]
-            if bad:
-                raise APIError(400, f"prompt holds token ids outside the vocabulary: {bad[:5]}", param="prompt")
+            tokens = check_token_ids(engine, prompt, "prompt")
             text = await asyncio.to_thread(engine.detokenize, tokens)
         max_tokens = resolve_max_tokens(body.max_tokens if body.max_tokens is not None else 16,
                                         len(tokens), engine.n_ctx_seq)
@@ -295,9 +292,14 @@ async def build_completion(engine: EngineProtocol, body: CompletionRequest) -> l
     return out
 
 
-def _valid_token(engine: EngineProtocol, token: int) -> bool:
-    check = getattr(engine, "valid_token", None)
-    return bool(check(token)) if check is not None else token >= 0
+def check_token_ids(engine: EngineProtocol, tokens: list[int], param: str) -> list[int]:
+    """Token ids from a client, refused (400) if empty or outside the vocabulary, never handed to llama.cpp."""
+    if not tokens:
+        raise APIError(400, f"{param}: a token list must not be empty", param=param)
+    bad = [t for t in tokens if not engine.valid_token(t)]
+    if bad:
+        raise APIError(400, f"{param}: token ids outside the vocabulary: {bad[:5]}", param=param)
+    return [int(t) for t in tokens]
 
 
 def completion_response(model: str, rid: str, created: int, choices: list[Choice], want_logprobs: bool) -> dict[str, Any]:
