@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-test.txt setup.cfg | cksum | cut -d' ' -f1)
 PORT ?= 8080
 
-.PHONY: install demo test bench bench-peers clean
+.PHONY: install browser demo test bench bench-peers clean
 
 $(STAMP): requirements.txt requirements-test.txt setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m app --offline --model demo --port $(PORT)
 
-test: install
+# The dashboard's browser tests drive Debian's Chromium through Playwright (no browser download).
+browser:
+	@command -v chromium > /dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 # Side-by-side benchmark (scripts/bench.py); peers that are not built are reported as skipped.

@@ -15,6 +15,7 @@ from app.api.app import create_app
 from app.api.auth import generate_key
 from app.model_source import ModelSourceError, default_alias, fetch, inspect_gguf
 from app.task import DEFAULT_PROJECT, DEFAULT_TASK_NAME, AppTask, EndpointRegistration, offline_requested
+from app.telemetry.history import ConsoleTail
 from app.telemetry.reporter import Reporter
 from app.runtime import Runtime
 from app.server import bind_socket, serve
@@ -71,9 +72,13 @@ def resolve_config(args: argparse.Namespace) -> cfg.AppConfig:
     return cfg.build(values)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str) -> ConsoleTail:
+    """stderr, plus the tail the dashboard shows."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    tail = ConsoleTail()
+    logging.getLogger().addHandler(tail)
+    return tail
 
 
 def load_in_background(config: cfg.AppConfig, runtime: Runtime, on_ready: Callable[[], None]) -> threading.Thread:
@@ -152,7 +157,7 @@ def configure(args: argparse.Namespace, task: Optional[AppTask]) -> cfg.AppConfi
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    console = setup_logging(args.log_level)
     # ClearML records the command line on the task: secrets given as flags must not ride along.
     sys.argv[:] = scrub_secrets(sys.argv)
     task: Optional[AppTask] = None
@@ -165,13 +170,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except cfg.ConfigError as exc:
         report_failure(task, str(exc))
         return EXIT_CONFIG
-    return run(config, task, args.drain_timeout_sec)
+    try:
+        return run(config, task, args.drain_timeout_sec, console)
+    finally:
+        logging.getLogger().removeHandler(console)
 
 
-def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float) -> int:
+def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float, console: ConsoleTail) -> int:
     log.info("configuration: %s", config.masked())
     api_key = config.api_key or generate_key()
-    runtime = Runtime(api_key=api_key, model_id=config.model_alias or default_alias(config.model))
+    runtime = Runtime(api_key=api_key, model_id=config.model_alias or default_alias(config.model), console=console)
     if task is not None:
         task.connect_config(config)
         # A clone inherits its source's properties: start from a clean slate.
@@ -187,6 +195,7 @@ def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float) 
     port = sock.getsockname()[1]
     log.info("listening on %s:%d", config.host, port)
     props = endpoint_properties(config.host, port, api_key, runtime.model_id)
+    runtime.properties.update(props)
     announce(props)
     registration: Optional[EndpointRegistration] = None
     if task is not None:

@@ -11,6 +11,7 @@ from fastapi import FastAPI, HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.auth import APIKeyAuth
+from app.api.dashboard import dashboard_router
 from app.api.errors import error_body, install_error_handlers
 from app.api.routes import api_router, extras_router, health_router
 from app.runtime import Runtime
@@ -19,8 +20,8 @@ from app.telemetry.prometheus import LiveCollector
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-# Probes and scrapes are not use: they are neither counted nor keep an idle app alive.
-UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})
+# Probes, scrapes and the dashboard are not use: they are neither counted nor keep an idle app alive.
+UNCOUNTED_PATHS = frozenset({"/health", "/metrics", "/", "/dashboard", "/dashboard/status", "/dashboard/data"})
 
 
 class StatsMiddleware:
@@ -90,5 +91,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(health_router())
     app.include_router(api_router(auth))
     app.include_router(extras_router(auth))
+    app.include_router(dashboard_router(auth))
     app.add_middleware(StatsMiddleware, runtime=runtime)
     return app

@@ -15,8 +15,8 @@ import time
 from typing import Callable, Optional, Protocol
 
 from app.runtime import Runtime
-from app.telemetry.hardware import scalar_series
-from app.telemetry.stats import percentile
+from app.telemetry.hardware import HardwareSample, scalar_series
+from app.telemetry.stats import Snapshot, percentile
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ class Reporter:
         snap = self.runtime.stats.snapshot()
         if self.runtime.ready:
             self.set_status("active" if snap.requests or snap.in_flight else "idle")
+        hardware = self.runtime.hardware.latest()
+        self.runtime.history.append(history_point(snap, hardware, self.runtime.engine))
         if self.sink is None:
             return
         it = self.iteration()
@@ -109,7 +111,7 @@ class Reporter:
         engine = self.runtime.engine
         if engine is not None:
             self.sink.report_scalar("requests", "queued", engine.queue_depth, it)
-        for title, series, value in scalar_series(self.runtime.hardware.latest()):
+        for title, series, value in scalar_series(hardware):
             self.sink.report_scalar(title, series, value, it)
         if self.endpoint is not None:
             per_min = snap.requests * 60.0 / snap.interval_s if snap.interval_s > 0 else 0.0
@@ -120,6 +122,26 @@ class Reporter:
         if status == self.status:
             return
         self.status = status
+        self.runtime.activity = status
         log.info("status: %s", status)
         if self.sink is not None:
             self.sink.set_properties(status=status)
+
+
+def history_point(snap: Snapshot, hw: HardwareSample, engine: object) -> dict[str, object]:
+    """One dashboard point from what this report measured anyway."""
+    return {
+        "t": time.time(),
+        "requests": snap.requests,
+        "latency_p50": percentile(snap.latencies_ms, 0.5) if snap.latencies_ms else None,
+        "latency_p95": percentile(snap.latencies_ms, 0.95) if snap.latencies_ms else None,
+        "tokens_per_s": snap.tokens_per_second,
+        "in_flight": snap.in_flight,
+        "queued": getattr(engine, "queue_depth", 0) if engine is not None else 0,
+        "cpu": hw.cpu_system_pct,
+        "memory_gb": hw.memory_process_gb,
+        "net_rx": hw.net_rx_mbs, "net_tx": hw.net_tx_mbs,
+        "disk_read": hw.disk_read_mbs, "disk_write": hw.disk_write_mbs,
+        "gpus": [{"index": g.index, "util": g.utilization_pct, "mem_gb": g.memory_used_gb,
+                  "temp": g.temperature_c} for g in hw.gpus],
+    }
