@@ -25,6 +25,8 @@ browser:
 	@command -v chromium > /dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 test: install browser
+	$(BIN)/python -m ruff check app scripts tests
+	$(BIN)/python -m mypy app
 	$(BIN)/python -m pytest -q
 
 # Side-by-side benchmark (scripts/bench.py); peers that are not built are reported as skipped.

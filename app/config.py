@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 
 def _field(default: Any, section: str, label: str, description: str, secret: bool = False, **kw: Any) -> Any:
-    extra = {"section": section, "label": label, "secret": secret}
+    extra: Any = {"section": section, "label": label, "secret": secret}
     return Field(default, description=description, json_schema_extra=extra, **kw)
 
 
@@ -118,7 +118,7 @@ class AppConfig(BaseModel):
     def to_sections(self) -> dict[str, dict[str, Any]]:
         """The configuration as ClearML hyperparameter sections."""
         sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-        for name, info in AppConfig.model_fields.items():
+        for name in AppConfig.model_fields:
             sections[_extra(name)["section"]][name] = getattr(self, name)
         return sections
 
@@ -164,7 +164,8 @@ def describe_error(exc: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        parts.append(f"{loc}: {msg} (got {err.get('input')!r})" if err["type"] != "extra_forbidden" else f"{loc}: {msg}")
+        got = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+        parts.append(f"{loc}: {msg}{got}")
     return "invalid configuration: " + "; ".join(parts)
 
 
@@ -229,7 +230,8 @@ def _flag(name: str) -> str:
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; defaults are suppressed so only given flags override."""
     for name, info in AppConfig.model_fields.items():
-        help_text = f"[{field_section(name)}: {field_label(name)}] {field_description(name)} (default: {info.default!r})"
+        help_text = (f"[{field_section(name)}: {field_label(name)}] {field_description(name)} "
+                     f"(default: {info.default!r})")
         if info.annotation is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)

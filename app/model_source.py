@@ -7,6 +7,7 @@ and http(s)/s3 URLs through ClearML's storage manager.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -226,8 +227,8 @@ def huggingface_copy(spec: str, token: str) -> str:
         paths.append(_with_retries(
             f"download of {repo_id}/{name}",
             # HF_ENDPOINT is read now, not at huggingface_hub's import, so mirrors work whatever imported it first.
-            lambda n=name: hf_hub_download(repo_id=repo_id, filename=n, token=token or None,
-                                           endpoint=os.environ.get("HF_ENDPOINT") or None, tqdm_class=progress),
+            functools.partial(hf_hub_download, repo_id=repo_id, filename=name, token=token or None,
+                              endpoint=os.environ.get("HF_ENDPOINT") or None, tqdm_class=progress),
             _hub_final))
     return paths[0]
 

@@ -58,8 +58,8 @@ class AppTask:
         if offline:
             Task.set_offline(True)
         # The reporter subprocess makes exit wait ~10 s; in-process reporting exits at once.
-        Task._report_subprocess_enabled = False
-        task = Task.init(
+        Task._report_subprocess_enabled = False  # type: ignore[assignment]  # a private switch, see FACTS
+        task: Any = Task.init(
             project_name=project, task_name=name, task_type=Task.TaskTypes.application,
             auto_connect_frameworks=False, auto_connect_arg_parser=False, reuse_last_task_id=False,
             auto_resource_monitoring=False, auto_connect_streams=False,
@@ -286,7 +286,7 @@ def create_instance(config: cfg.AppConfig, project: str, name: str, repo: Option
     """A new app task running `python -m app` from this repository, its form filled in, enqueued."""
     from clearml import Task
 
-    task = Task.create(project_name=project, task_name=name, task_type="application", repo=repo, branch=branch,
+    task: Any = Task.create(project_name=project, task_name=name, task_type="application", repo=repo, branch=branch,
                        commit=commit, module="app", working_directory=".", requirements_file=requirements,
                        add_task_init_call=False, detect_repository=repo is None)
     write_parameters(task, config.model_dump())
@@ -297,9 +297,9 @@ def clone_instance(source_id: str, edits: dict[str, Any], name: Optional[str], q
     """A copy of an instance with its configuration (plus edits), without its app-owned properties, enqueued."""
     from clearml import Task
 
-    source = Task.get_task(task_id=source_id)
+    source: Any = Task.get_task(task_id=source_id)
     config = cfg.build({**cfg.from_strings(source.get_parameters() or {}), **edits})
-    clone = Task.clone(source_task=source, name=name or f"{source.name} (clone)")
+    clone: Any = Task.clone(source_task=source, name=name or f"{source.name} (clone)")
     write_parameters(clone, config.model_dump())
     clone.delete_user_properties([("properties", name) for name in APP_PROPERTIES])
     return _enqueue(clone, queue)
@@ -309,7 +309,7 @@ def instance_config(task_id: str) -> cfg.AppConfig:
     """An instance's configuration, as its task's hyperparameters hold it (strings, cast and validated)."""
     from clearml import Task
 
-    task = Task.get_task(task_id=task_id)
+    task: Any = Task.get_task(task_id=task_id)
     return cfg.build(cfg.from_strings(task.get_parameters() or {}))
 
 

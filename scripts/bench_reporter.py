@@ -39,7 +39,8 @@ def main() -> None:
     task.close()
     per_report_ms = spent / reports * 1000
     sys.stdout.write("| measure | value |\n|---|---|\n")
-    sys.stdout.write(f"| CPU per report (upper bound: mean of {reports}, incl. ClearML's writer) | {per_report_ms:.2f} ms |\n")
+    sys.stdout.write(f"| CPU per report (upper bound: mean of {reports}, incl. ClearML's writer) "
+                     f"| {per_report_ms:.2f} ms |\n")
     sys.stdout.write(f"| share of one core at a 1 s interval | {per_report_ms / 10:.2f} % |\n")
 
 

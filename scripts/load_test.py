@@ -35,7 +35,8 @@ class App:
         self.port = port
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app", "--offline", "--model", "demo", "--port", str(port), "--api-key", API_KEY,
-             "--embeddings", "--parallel", str(parallel), "--max-queue", str(max_queue), "--n-ctx", str(parallel * 1024),
+             "--embeddings", "--parallel", str(parallel), "--max-queue", str(max_queue),
+             "--n-ctx", str(parallel * 1024),
              "--idle-time-limit-hours", "0", "--log-level", "WARNING"],
             cwd=REPO, env={**os.environ, "CLEARML_CACHE_DIR": str(REPO / ".cache" / "load-clearml")},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -179,7 +180,8 @@ def load(app: App, clients: int, seconds: float) -> dict[str, Any]:
         "by_status": dict(tally.status), "by_kind": dict(tally.kinds),
         "server_errors_5xx": sum(v for k, v in tally.status.items() if k.startswith("5")),
         "truncated_streams": tally.truncated, "429_without_retry_after": tally.rejected_without_retry_after,
-        "latency_ms": {"p50": pct(tally.latency, 0.5), "p95": pct(tally.latency, 0.95), "p99": pct(tally.latency, 0.99)},
+        "latency_ms": {"p50": pct(tally.latency, 0.5), "p95": pct(tally.latency, 0.95),
+                       "p99": pct(tally.latency, 0.99)},
         "ttft_ms": {"p50": pct(tally.ttft, 0.5), "p95": pct(tally.ttft, 0.95), "p99": pct(tally.ttft, 0.99)},
         "tokens_per_s": tally.tokens / wall,
     }

@@ -95,7 +95,8 @@ class FakeEngine:
                 else:
                     await asyncio.sleep(0)
                 n += 1
-                lps = [TokenLogprob(ch, -0.5, list(ch.encode()), [(ch, -0.5, list(ch.encode()))] * (req.logprobs or 0))] \
+                alternatives = [(ch, -0.5, list(ch.encode()))] * (req.logprobs or 0)
+                lps = [TokenLogprob(ch, -0.5, list(ch.encode()), alternatives)] \
                     if req.logprobs is not None else []
                 text = stream.push(ch.encode())
                 handle.emit(Delta(text, [ord(ch)], lps))

@@ -43,7 +43,8 @@ class APIError(Exception):
         self.headers = headers
 
 
-def error_body(message: str, error_type: str, param: Optional[str] = None, code: Optional[str] = None) -> dict[str, Any]:
+def error_body(message: str, error_type: str, param: Optional[str] = None,
+               code: Optional[str] = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 

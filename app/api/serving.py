@@ -302,7 +302,8 @@ def check_token_ids(engine: EngineProtocol, tokens: list[int], param: str) -> li
     return [int(t) for t in tokens]
 
 
-def completion_response(model: str, rid: str, created: int, choices: list[Choice], want_logprobs: bool) -> dict[str, Any]:
+def completion_response(model: str, rid: str, created: int, choices: list[Choice],
+                        want_logprobs: bool) -> dict[str, Any]:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
         "choices": [{

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ class LlamaEngine:
                 raise ContextLengthError(
                     f"an input has {len(tokens)} tokens; the embedding context holds {self.model.embed_n_ctx}",
                     param="input")
-        return [await self.scheduler.run_job(lambda t=tokens: self._embed_one(t)) for tokens in inputs]
+        return [await self.scheduler.run_job(functools.partial(self._embed_one, tokens)) for tokens in inputs]
 
     def _embed_one(self, tokens: list[int]) -> list[float]:
         """On the engine thread: one input through the embedding context, mean-pooled, L2-normalised."""

@@ -273,7 +273,8 @@ class Scheduler:
         sampler = SamplerChain(self.model.vocab, self.model.n_vocab, req.sampling)
         slot = own
         wait_for: Optional[tuple[_Slot, int]] = None
-        if pending_donor is not None and pending_n >= MIN_SHARED_PREFIX and pending_n > max(own_n, donor_n) + MIN_SHARED_PREFIX:
+        worth_waiting = pending_n >= MIN_SHARED_PREFIX and pending_n > max(own_n, donor_n) + MIN_SHARED_PREFIX
+        if pending_donor is not None and worth_waiting:
             slot = min(free, key=lambda s: len(s.cache))
             self._forget(slot)
             wait_for = (pending_donor, pending_n)

@@ -116,7 +116,7 @@ class HardwareSampler:
                 self._nvml = _NVML()
             counters = self._read_counters()
             elapsed = max(now - self._counters_at, 1e-6)
-            rates = [(c - p) / MB / elapsed for c, p in zip(counters, self._counters)]
+            rates = [(c - p) / MB / elapsed for c, p in zip(counters, self._counters, strict=True)]
             self._counters, self._counters_at = counters, now
             vm = psutil.virtual_memory()
             self._last = HardwareSample(
