@@ -7,6 +7,7 @@ and http(s)/s3 URLs through ClearML's storage manager.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -159,6 +160,8 @@ def _with_retries(what: str, fn: Callable[[], Optional[str]], is_final: Callable
 
 
 def _plain_final(exc: Exception) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True  # a full disk does not empty itself between tries
     return isinstance(exc, (ValueError, FileNotFoundError, PermissionError))
 
 

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PROJECT = "llama.cpp Model Deployment"
 DEFAULT_TASK_NAME = "llama.cpp endpoint"
 SERVING_API_VERSION = "2.31"
+RETRY_BASE_S = 5.0  # first retry after an outage starts; doubles up to RETRY_MAX_S
+RETRY_MAX_S = 300.0
 
 
 def has_credentials() -> bool:
@@ -39,10 +41,13 @@ def offline_requested(flag: bool) -> bool:
 class AppTask:
     """A thin, failure-tolerant wrapper around the ClearML task of this app instance."""
 
-    def __init__(self, task: Any, offline: bool) -> None:
+    def __init__(self, task: Any, offline: bool, retry_base_s: float = RETRY_BASE_S) -> None:
         self.task = task
         self.offline = offline
         self._failing = False
+        self._retry_base_s = retry_base_s
+        self._retry_delay_s = retry_base_s
+        self._retry_at = 0.0
         self._log_handler: Optional[logging.Handler] = None
 
     # --- start-up ------------------------------------------------------------------
@@ -101,13 +106,21 @@ class AppTask:
 
     # --- reporting (never raises) -----------------------------------------------------
 
-    def _guard(self, what: str, fn: Callable[[], Any]) -> bool:
+    def _guard(self, what: str, fn: Callable[[], Any], force: bool = False) -> bool:
+        """Run one ClearML call; during an outage, try again only after an exponential backoff."""
+        now = time.monotonic()
+        if self._failing and not force and now < self._retry_at:
+            return False  # still backing off: do not hammer a server that is down
         try:
             fn()
         except Exception as exc:  # ClearML down or refusing: serving goes on
             if not self._failing:
-                log.warning("ClearML %s failed (%s); serving continues, will keep trying", what, exc)
+                log.warning("ClearML %s failed (%s); serving continues, retrying with backoff", what, exc)
                 self._failing = True
+                self._retry_delay_s = self._retry_base_s
+            else:
+                self._retry_delay_s = min(self._retry_delay_s * 2, RETRY_MAX_S)
+            self._retry_at = now + self._retry_delay_s
             return False
         if self._failing:
             log.info("ClearML reporting recovered")
@@ -136,7 +149,8 @@ class AppTask:
 
     def mark_failed(self, cause: str) -> None:
         if not self.offline:
-            self._guard("failure report", lambda: self.task.mark_failed(status_reason=cause, status_message=cause))
+            self._guard("failure report", lambda: self.task.mark_failed(status_reason=cause, status_message=cause),
+                        force=True)
 
     # --- Model Endpoints table (open-source server 1.17+, API 2.31) -----------------------
 
@@ -165,7 +179,7 @@ class AppTask:
     def close(self) -> None:
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
-        self._guard("close", self.task.close)
+        self._guard("close", self.task.close, force=True)
 
 
 class TaskLogHandler(logging.Handler):

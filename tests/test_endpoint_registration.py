@@ -48,7 +48,7 @@ class StandInTask:
 
 
 def registration(session: RecordingSession, offline: bool = False) -> EndpointRegistration:
-    return EndpointRegistration(AppTask(StandInTask(session), offline), "gemma.gguf", "http://10.0.0.5:8080/v1",
+    return EndpointRegistration(AppTask(StandInTask(session), offline, retry_base_s=0), "gemma.gguf", "http://10.0.0.5:8080/v1",
                                 "gemma.gguf", "org/repo/gemma.gguf", report_interval_s=30)
 
 

@@ -119,3 +119,27 @@ def test_app_serves_a_gated_hub_model_end_to_end(tmp_path: Path, demo_model: str
     assert any("% of" in line for line in app.lines), "no download progress in the console"
     assert TOKEN not in app.log
     assert all(r.authorization == f"Bearer {TOKEN}" for r in fake.requests)
+
+
+def test_a_full_disk_fails_at_once_with_one_line(hub: RunningHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import huggingface_hub.file_download as fd
+
+    real_http_get = fd.http_get
+    calls = []
+
+    def disk_full_once(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_http_get(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fd, "http_get", disk_full_once)
+    with pytest.raises(ModelSourceError) as err:
+        fetch("org/public/big.gguf")
+    assert "No space left on device" in str(err.value) and "\n" not in str(err.value)
+    assert len(calls) == 1  # a full disk is not retried
+    # Nothing half-written is taken for the model: the next run downloads it whole and it checks out.
+    path = fetch("org/public/big.gguf")
+    assert inspect_gguf(path).architecture == "llama"

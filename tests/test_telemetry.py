@@ -100,6 +100,7 @@ class FlakyTask:
         return self.logger
 
     def set_user_properties(self, **props: Any) -> None:
+        self.logger.calls += 1
         if self.logger.failing:
             raise ConnectionError("ClearML server unreachable")
 
@@ -109,7 +110,7 @@ def test_reporter_keeps_serving_and_trying_while_clearml_fails(fake_engine: Fake
     caplog.set_level(logging.INFO)
     runtime = Runtime(api_key=API_KEY, model_id="m", engine=fake_engine, state="ready")
     task = FlakyTask()
-    reporter = Reporter(runtime, AppTask(task, offline=True), interval_s=0.05, idle_limit_s=0)
+    reporter = Reporter(runtime, AppTask(task, offline=True, retry_base_s=0.05), interval_s=0.05, idle_limit_s=0)
     with ThreadedServer(runtime) as server:
         reporter.start()
         try:
@@ -129,3 +130,25 @@ def test_reporter_keeps_serving_and_trying_while_clearml_fails(fake_engine: Fake
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "ClearML" in r.message]
     assert len(warnings) == 1  # one line per outage
     assert any("recovered" in r.message for r in caplog.records)
+
+
+def test_an_outage_is_retried_with_exponential_backoff(caplog: pytest.LogCaptureFixture) -> None:
+    import app.task as task_module
+
+    clock = [1000.0]
+    task = FlakyTask()
+    app_task = AppTask(task, offline=True, retry_base_s=5.0)
+    real_monotonic = task_module.time.monotonic
+    task_module.time.monotonic = lambda: clock[0]  # type: ignore[assignment]
+    try:
+        attempts = []
+        for second in range(0, 60):
+            clock[0] = 1000.0 + second
+            before = task.logger.calls
+            app_task.report_scalar("requests", "total", 1, second)
+            if task.logger.calls > before:
+                attempts.append(second)
+    finally:
+        task_module.time.monotonic = real_monotonic  # type: ignore[assignment]
+    assert attempts == [0, 5, 15, 35]  # waits of 5, 10, 20 s
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
