@@ -128,23 +128,29 @@ def test_tokenize_round_trip(real_app: AppProcess) -> None:
     assert text == "Hello world"
 
 
-def test_three_concurrent_streams_complete_in_full(client: openai.OpenAI) -> None:
-    prompts = ["Once upon a time", "The quick brown fox", "In the year 1492"]
+def concurrent_streams(client: openai.OpenAI, prompts: list[str],
+                       max_tokens: int) -> dict[int, tuple[str, str | None, int]]:
+    """Stream every prompt at once (fixed length); per prompt: text, last finish reason, completion tokens."""
     results: dict[int, tuple[str, str | None, int]] = {}
 
     def run(i: int) -> None:
-        chunks = list(client.completions.create(model="g", prompt=prompts[i], max_tokens=32, temperature=0,
+        chunks = list(client.completions.create(model="g", prompt=prompts[i], max_tokens=max_tokens, temperature=0,
                                                 stream=True, stream_options={"include_usage": True},
                                                 extra_body={"ignore_eos": True}))
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
         results[i] = (text, reason, chunks[-1].usage.completion_tokens if chunks[-1].usage else -1)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
+    return results
+
+
+def test_three_concurrent_streams_complete_in_full(client: openai.OpenAI) -> None:
+    results = concurrent_streams(client, ["Once upon a time", "The quick brown fox", "In the year 1492"], 32)
     assert sorted(results) == [0, 1, 2]
     for text, reason, n in results.values():
         assert reason == "length" and n == 32 and text
@@ -179,22 +185,7 @@ SEQUENCES = [
 
 def test_many_concurrent_streams_are_never_mixed_or_cut(client: openai.OpenAI) -> None:
     """Twelve concurrent streams on 4 sequences (the rest queue): each continues its own sequence, in full."""
-    results: dict[int, tuple[str, str | None, int]] = {}
-
-    def run(i: int) -> None:
-        prompt = SEQUENCES[i % len(SEQUENCES)][0]
-        chunks = list(client.completions.create(model="g", prompt=prompt, max_tokens=12, temperature=0,
-                                                stream=True, stream_options={"include_usage": True},
-                                                extra_body={"ignore_eos": True}))
-        text = "".join(c.choices[0].text for c in chunks if c.choices)
-        reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-        results[i] = (text, reason, chunks[-1].usage.completion_tokens if chunks[-1].usage else -1)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = concurrent_streams(client, [SEQUENCES[i % len(SEQUENCES)][0] for i in range(12)], 12)
     assert sorted(results) == list(range(12))
     for i, (text, reason, n) in results.items():
         expected = SEQUENCES[i % len(SEQUENCES)][1]

@@ -88,35 +88,21 @@ class Reporter:
         if self.runtime.ready:
             self.set_status("active" if snap.requests or snap.in_flight else "idle")
         hardware = self.runtime.hardware.latest()
-        self.runtime.history.append(history_point(snap, hardware, self.runtime.engine))
+        engine = self.runtime.engine
+        series = request_series(snap, engine) + scalar_series(hardware)
+        self.runtime.history.append(history_point(dict(((t, s), v) for t, s, v in series), hardware))
+        if self.endpoint is not None:
+            per_min = snap.requests * 60.0 / snap.interval_s if snap.interval_s > 0 else 0.0
+            mean_ms = sum(snap.latencies_ms) / len(snap.latencies_ms) if snap.latencies_ms else 0.0
+            self.endpoint.report(snap.requests_total, per_min, mean_ms)
         if self.sink is None:
             return
         it = self.iteration()
         last_action = datetime.datetime.now() - datetime.timedelta(seconds=snap.idle_s)
         self.sink.set_properties(**{"idle time (s)": f"{snap.idle_s:.0f}",
                                     "last action": last_action.strftime("%Y-%m-%d %H:%M:%S")})
-        self.sink.report_scalar("last action", "seconds since", snap.idle_s, it)
-        self.sink.report_scalar("requests", "per interval", snap.requests, it)
-        self.sink.report_scalar("requests", "total", snap.requests_total, it)
-        if snap.latencies_ms:
-            self.sink.report_scalar("latency ms", "p50", percentile(snap.latencies_ms, 0.5), it)
-            self.sink.report_scalar("latency ms", "p95", percentile(snap.latencies_ms, 0.95), it)
-        self.sink.report_scalar("tokens", "per second", snap.tokens_per_second, it)
-        self.sink.report_scalar("tokens", "prompt per interval", snap.prompt_tokens, it)
-        self.sink.report_scalar("tokens", "generated per interval", snap.completion_tokens, it)
-        if snap.ttft_ms:
-            self.sink.report_scalar("latency ms", "ttft p50", percentile(snap.ttft_ms, 0.5), it)
-            self.sink.report_scalar("latency ms", "ttft p95", percentile(snap.ttft_ms, 0.95), it)
-        self.sink.report_scalar("requests", "in flight", snap.in_flight, it)
-        engine = self.runtime.engine
-        if engine is not None:
-            self.sink.report_scalar("requests", "queued", engine.queue_depth, it)
-        for title, series, value in scalar_series(hardware):
-            self.sink.report_scalar(title, series, value, it)
-        if self.endpoint is not None:
-            per_min = snap.requests * 60.0 / snap.interval_s if snap.interval_s > 0 else 0.0
-            mean_ms = sum(snap.latencies_ms) / len(snap.latencies_ms) if snap.latencies_ms else 0.0
-            self.endpoint.report(snap.requests_total, per_min, mean_ms)
+        for title, name, value in series:
+            self.sink.report_scalar(title, name, value, it)
 
     def set_status(self, status: str) -> None:
         if status == self.status:
@@ -128,20 +114,42 @@ class Reporter:
             self.sink.set_properties(status=status)
 
 
-def history_point(snap: Snapshot, hw: HardwareSample, engine: object) -> dict[str, object]:
-    """One dashboard point from what this report measured anyway."""
+def request_series(snap: Snapshot, engine: object) -> list[tuple[str, str, float]]:
+    """(title, series, value) for the request side of one report; latency only when there were requests."""
+    rows = [
+        ("last action", "seconds since", snap.idle_s),
+        ("requests", "per interval", snap.requests),
+        ("requests", "total", snap.requests_total),
+        ("requests", "in flight", snap.in_flight),
+        ("tokens", "per second", snap.tokens_per_second),
+        ("tokens", "prompt per interval", snap.prompt_tokens),
+        ("tokens", "generated per interval", snap.completion_tokens),
+    ]
+    if engine is not None:
+        rows.append(("requests", "queued", getattr(engine, "queue_depth", 0)))
+    if snap.latencies_ms:
+        rows += [("latency ms", "p50", percentile(snap.latencies_ms, 0.5)),
+                 ("latency ms", "p95", percentile(snap.latencies_ms, 0.95))]
+    if snap.ttft_ms:
+        rows += [("latency ms", "ttft p50", percentile(snap.ttft_ms, 0.5)),
+                 ("latency ms", "ttft p95", percentile(snap.ttft_ms, 0.95))]
+    return rows
+
+
+def history_point(values: dict[tuple[str, str], float], hw: HardwareSample) -> dict[str, object]:
+    """One dashboard point from the values this report sent anyway."""
     return {
         "t": time.time(),
-        "requests": snap.requests,
-        "latency_p50": percentile(snap.latencies_ms, 0.5) if snap.latencies_ms else None,
-        "latency_p95": percentile(snap.latencies_ms, 0.95) if snap.latencies_ms else None,
-        "tokens_per_s": snap.tokens_per_second,
-        "in_flight": snap.in_flight,
-        "queued": getattr(engine, "queue_depth", 0) if engine is not None else 0,
-        "cpu": hw.cpu_system_pct,
-        "memory_gb": hw.memory_process_gb,
-        "net_rx": hw.net_rx_mbs, "net_tx": hw.net_tx_mbs,
-        "disk_read": hw.disk_read_mbs, "disk_write": hw.disk_write_mbs,
+        "requests": values[("requests", "per interval")],
+        "latency_p50": values.get(("latency ms", "p50")),
+        "latency_p95": values.get(("latency ms", "p95")),
+        "tokens_per_s": values[("tokens", "per second")],
+        "in_flight": values[("requests", "in flight")],
+        "queued": values.get(("requests", "queued"), 0),
+        "cpu": values[("cpu", "system %")],
+        "memory_gb": values[("memory", "process GB")],
+        "net_rx": values[("network", "rx MB/s")], "net_tx": values[("network", "tx MB/s")],
+        "disk_read": values[("disk", "read MB/s")], "disk_write": values[("disk", "write MB/s")],
         "gpus": [{"index": g.index, "util": g.utilization_pct, "mem_gb": g.memory_used_gb,
                   "temp": g.temperature_c} for g in hw.gpus],
     }
