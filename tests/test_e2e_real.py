@@ -221,3 +221,15 @@ def test_disconnect_during_the_prompt_frees_the_sequence(real_app: AppProcess) -
     assert health["slots_processing"] == 0, health
     out = httpx.post(real_app.url + "/v1/completions", headers=h, json={"prompt": "Hi", "max_tokens": 2})
     assert out.status_code == 200
+
+
+def test_the_readme_client_example_runs(real_app: AppProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    import re as _re
+
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in _re.findall(r"```python\n(.*?)```", readme, _re.S) if "OpenAI(" in b)
+    code = block.replace("http://localhost:8080/v1", real_app.url + "/v1").replace("<the logged key>", API_KEY)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()  # it printed the model's reply
