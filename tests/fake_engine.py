@@ -14,6 +14,7 @@ from app.engine.text import TextStream
 from app.engine.types import (
     ContextLengthError,
     Delta,
+    EngineUnavailableError,
     Finish,
     GenerationRequest,
     QueueFullError,
@@ -37,6 +38,8 @@ class FakeEngine:
         self.cancelled: list[GenerationRequest] = []
         self.in_system = 0
         self.closed = False
+        self.aborted: Optional[EngineUnavailableError] = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # prompts
     def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
@@ -73,8 +76,21 @@ class FakeEngine:
         self.requests.append(request)
         reply = self.replies.popleft() if self.replies else self.default_reply
         handle = RequestHandle(request, loop)
-        loop.create_task(self._generate(handle, reply))
+        # submit may be called from a worker thread (requests with a grammar): start on the loop's own thread.
+        loop.call_soon_threadsafe(self._start, loop, handle, reply)
         return handle
+
+    def _start(self, loop: asyncio.AbstractEventLoop, handle: RequestHandle, reply: str) -> None:
+        task = loop.create_task(self._generate(handle, reply))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def capacity(self) -> int:
+        return self.parallel + self.max_queue
+
+    def abort(self, message: str) -> None:
+        self.aborted = EngineUnavailableError(message)
 
     async def _generate(self, handle: RequestHandle, reply: str) -> None:
         req = handle.request
@@ -87,6 +103,9 @@ class FakeEngine:
                     self.cancelled.append(req)
                     reason = "cancelled"
                     break
+                if self.aborted is not None:
+                    handle.emit(Finish("error", len(req.prompt_tokens), n, 0, self.aborted))
+                    return
                 if n >= req.max_tokens:
                     reason = "length"
                     break

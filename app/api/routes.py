@@ -7,7 +7,7 @@ import base64
 import struct
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -53,7 +53,7 @@ def metrics_of(request: Request) -> dict[str, Any]:
 def health_router() -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health", include_in_schema=True)
+    @router.api_route("/health", methods=["GET", "HEAD"], include_in_schema=True)
     async def health(request: Request) -> JSONResponse:
         runtime = runtime_of(request)
         if runtime.ready and runtime.engine is not None:
@@ -72,8 +72,9 @@ def health_router() -> APIRouter:
     return router
 
 
-def api_router(auth: Any) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(auth)])
+def api_router() -> APIRouter:
+    """The OpenAI routes (behind the key: see auth.AuthMiddleware)."""
+    router = APIRouter()
 
     @router.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -93,14 +94,14 @@ def api_router(auth: Any) -> APIRouter:
         engine = engine_of(request)
         requests = await serving.build_chat(engine, body)
         return await generate(request, engine, requests, body, "chatcmpl", body.logprobs,
-                              serving.stream_chat, serving.chat_response)
+                              serving.stream_chat, serving.chat_response, "n")
 
     @router.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         engine = engine_of(request)
         requests = await serving.build_completion(engine, body)
         return await generate(request, engine, requests, body, "cmpl", body.logprobs is not None,
-                              serving.stream_completion, serving.completion_response)
+                              serving.stream_completion, serving.completion_response, "prompt")
 
     @router.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
@@ -139,9 +140,9 @@ def api_router(auth: Any) -> APIRouter:
     return router
 
 
-def extras_router(auth: Any) -> APIRouter:
-    """llama.cpp server's /tokenize and /detokenize, and /metrics: behind the key like everything but /health."""
-    router = APIRouter(dependencies=[Depends(auth)])
+def extras_router() -> APIRouter:
+    """llama.cpp server's /tokenize and /detokenize, /metrics and the OpenAPI schema (behind the key)."""
+    router = APIRouter()
 
     @router.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
@@ -171,10 +172,11 @@ def extras_router(auth: Any) -> APIRouter:
 
 
 async def generate(request: Request, engine: EngineProtocol, requests: list[tuple[int, GenerationRequest, str]],
-                   body: SamplingFields, id_prefix: str, want_logprobs: bool, stream_fn: Any, response_fn: Any) -> Any:
+                   body: SamplingFields, id_prefix: str, want_logprobs: bool, stream_fn: Any, response_fn: Any,
+                   count_param: str) -> Any:
     """Submit every choice, then stream them (SSE) or collect them into one response."""
     choice_set = serving.ChoiceSet(engine)
-    choice_set.submit(requests)
+    await choice_set.submit(requests, count_param)
     rid, created, model = serving.new_id(id_prefix), serving.now(), engine.model_id
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from app.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingF
 from app.engine.engine import EngineProtocol
 from app.engine.sampling import grammar_for_response_format
 from app.engine.types import Delta, EngineError, Finish, GenerationRequest, RequestHandle, SamplingParams, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,13 +97,21 @@ class ChoiceSet:
         self.started_at = time.monotonic()
         self.first_token_at: Optional[float] = None
 
-    def submit(self, requests: list[tuple[int, GenerationRequest, str]]) -> None:
+    async def submit(self, requests: list[tuple[int, GenerationRequest, str]], param: str) -> None:
+        """Queue every choice; a request that could never fit the system at once is a 400, not a 429."""
+        if len(requests) > self.engine.capacity:
+            raise APIError(400, f"The request needs {len(requests)} sequences (prompts × n); this server holds at "
+                                f"most {self.engine.capacity} at once (parallel + max_queue).", param=param)
         loop = asyncio.get_running_loop()
         try:
             for prompt_index, req, prefix in requests:
-                handle = self.engine.submit(req, loop)
+                if req.sampling.grammar:
+                    # Compiling the grammar can take a while: not on the event loop.
+                    handle = await asyncio.to_thread(self.engine.submit, req, loop)
+                else:
+                    handle = self.engine.submit(req, loop)
                 self.choices.append(Choice(len(self.choices), handle, prefix, prompt_index=prompt_index))
-        except EngineError:
+        except BaseException:
             self.cancel()
             raise
 
@@ -184,7 +195,7 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
 async def build_chat(engine: EngineProtocol, body: ChatCompletionRequest) -> list[tuple[int, GenerationRequest, str]]:
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     tokens, template_stop = await asyncio.to_thread(engine.chat_prompt, messages)
-    grammar = grammar_for_response_format(body.response_format)
+    grammar = await asyncio.to_thread(grammar_for_response_format, body.response_format)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(requested, len(tokens), engine.n_ctx_seq)
     top = None
@@ -234,7 +245,7 @@ async def stream_chat(choice_set: ChoiceSet, model: str, rid: str, created: int,
                               "logprobs": chat_logprobs(event.logprobs) if want_logprobs else None,
                               "finish_reason": None}])
             elif event.error is not None:
-                yield sse(error_payload(event.error))
+                yield stream_error(event.error)
                 return
             else:
                 yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
@@ -274,7 +285,7 @@ async def build_completion(engine: EngineProtocol, body: CompletionRequest) -> l
         prompts = [raw]
     else:
         prompts = list(raw)
-    grammar = grammar_for_response_format(body.response_format)
+    grammar = await asyncio.to_thread(grammar_for_response_format, body.response_format)
     out: list[tuple[int, GenerationRequest, str]] = []
     for p_index, prompt in enumerate(prompts):
         if isinstance(prompt, str):
@@ -338,7 +349,7 @@ async def stream_completion(choice_set: ChoiceSet, model: str, rid: str, created
                 offsets[c.index] += len(event.text)
                 yield chunk([{"index": c.index, "text": event.text, "logprobs": lp, "finish_reason": None}])
             elif event.error is not None:
-                yield sse(error_payload(event.error))
+                yield stream_error(event.error)
                 return
             else:
                 yield chunk([{"index": c.index, "text": "", "logprobs": None, "finish_reason": finish_reason(event)}])
@@ -359,6 +370,12 @@ def finish_reason(finish: Optional[Finish]) -> Optional[str]:
 
 def error_payload(error: EngineError) -> dict[str, Any]:
     return {"error": {"message": str(error), "type": error.error_type, "param": error.param, "code": error.code}}
+
+
+def stream_error(error: EngineError) -> str:
+    """A stream the server ends early: an OpenAI-shaped error event, then [DONE], so it is never a silent cut."""
+    log.warning("stream ended by the server: %s", error)
+    return sse(error_payload(error)) + SSE_DONE
 
 
 def new_id(prefix: str) -> str:

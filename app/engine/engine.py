@@ -15,7 +15,15 @@ import llama_cpp
 from app.engine.chat import ChatTemplate, flatten_content, select_template
 from app.engine.model import LlamaModel, ModelOptions
 from app.engine.scheduler import Scheduler
-from app.engine.types import ContextLengthError, EngineUnavailableError, GenerationRequest, RequestHandle
+from app.engine.sampling import SamplerChain
+from app.engine.types import (
+    ContextLengthError,
+    EngineError,
+    EngineUnavailableError,
+    GenerationRequest,
+    InvalidRequestError,
+    RequestHandle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +34,7 @@ class EngineProtocol(Protocol):
     model_id: str
     n_ctx_seq: int
     parallel: int
+    capacity: int  # requests held at once (sequences + queue): a request needing more can never be admitted
     embeddings_enabled: bool
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]: ...
@@ -34,6 +43,7 @@ class EngineProtocol(Protocol):
     def token_piece(self, token: int) -> str: ...
     def valid_token(self, token: int) -> bool: ...
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle: ...
+    def abort(self, message: str) -> None: ...
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]: ...
     @property
     def queue_depth(self) -> int: ...
@@ -73,6 +83,7 @@ class LlamaEngine:
             options.chat_format, self.model.chat_template(), self.model.bos_text(), self.model.eos_text())
         self.scheduler = Scheduler(self.model, options.parallel, options.max_queue, options.n_batch)
         self.n_ctx_seq = self.scheduler.n_ctx_seq
+        self.capacity = self.scheduler.capacity
         self.scheduler.start()
 
     # --- prompts ----------------------------------------------------------------------
@@ -103,7 +114,26 @@ class LlamaEngine:
     # --- generation ------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
-        return self.scheduler.submit(request, loop)
+        """Build (and so validate) the request's sampler here, so a bad request fails alone, then queue it.
+
+        Compiling a grammar may take a while: callers with one call this from a worker thread.
+        """
+        try:
+            sampler = SamplerChain(self.model.vocab, self.model.n_vocab, request.sampling)
+        except EngineError:
+            raise
+        except Exception as exc:  # whatever llama.cpp or the encoder makes of it, it is this request's fault
+            param = "response_format" if request.sampling.grammar else None
+            raise InvalidRequestError(f"the sampling parameters cannot be used: {exc}", param=param) from None
+        try:
+            return self.scheduler.submit(request, loop, sampler)
+        except BaseException:
+            sampler.close()
+            raise
+
+    def abort(self, message: str) -> None:
+        """End every running and queued request with a 503 (the end of a drain)."""
+        self.scheduler.abort(EngineUnavailableError(message))
 
     @property
     def queue_depth(self) -> int:

@@ -61,7 +61,6 @@ class _Slot:
     handle: Optional[RequestHandle] = None
     pending: list[int] = field(default_factory=list)  # prompt tokens still to decode
     wait_for: Optional[tuple["_Slot", int]] = None  # copy this many tokens from that slot once computed
-    sampler: Optional[SamplerChain] = None
     text: Optional[TextStream] = None
     next_token: Optional[int] = None
     n_prompt: int = 0
@@ -91,6 +90,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._in_system = 0
+        self._abort: Optional[EngineError] = None
         self._batch = llama_cpp.llama_batch_init(max(n_batch, parallel), 0, 1)
         self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
 
@@ -116,8 +116,19 @@ class Scheduler:
     def active(self) -> int:
         return sum(1 for s in self._slots if s.busy)
 
-    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
-        if self._stop.is_set():
+    @property
+    def capacity(self) -> int:
+        """Requests the system holds at once: one per sequence plus the queue."""
+        return self.parallel + self.max_queue
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+               sampler: SamplerChain) -> RequestHandle:
+        """Queue a request whose sampler was already built (and so validated) by the caller.
+
+        The scheduler owns `sampler` from here on and frees it when the request finishes; on a refusal
+        (raised here) the caller still owns it.
+        """
+        if self._stop.is_set() or self._abort is not None:
             raise EngineUnavailableError("the server is shutting down")
         n_prompt = len(request.prompt_tokens)
         if n_prompt == 0:
@@ -129,13 +140,25 @@ class Scheduler:
                 "completion tokens. Shorten the prompt or lower max_tokens."
             )
         handle = RequestHandle(request, loop)
+        handle.sampler = sampler
         with self._lock:
-            if self._in_system >= self.parallel + self.max_queue:
+            if self._in_system >= self.capacity:
                 raise QueueFullError("the server is busy: all sequences are in use and the queue is full")
             self._in_system += 1
             self._waiting.append(handle)
         self._wake.set()
         return handle
+
+    @property
+    def in_system(self) -> int:
+        """Requests admitted or queued and not yet finished (returns to 0 whatever happened to them)."""
+        return self._in_system
+
+    def abort(self, error: EngineError) -> None:
+        """Finish every running and queued request with `error` (at the end of a drain); new ones are refused."""
+        with self._lock:
+            self._abort = error
+        self._wake.set()
 
     def run_job(self, fn: Callable[[], T]) -> "asyncio.Future[T]":
         """Run `fn` on the engine thread between steps (for work on the model's contexts)."""
@@ -151,6 +174,8 @@ class Scheduler:
         log.debug("scheduler started: %d sequences of %d tokens", self.parallel, self.n_ctx_seq)
         while not self._stop.is_set():
             try:
+                if self._abort is not None:
+                    self._fail_everything(self._abort)
                 self._run_jobs()
                 self._drop_cancelled()
                 self._admit()
@@ -159,14 +184,18 @@ class Scheduler:
                     self._wake.clear()
                     continue
                 self._step()
-            except Exception as exc:  # never let one bad step kill the engine
-                log.exception("engine step failed")
+            except Exception as exc:  # never let one bad step kill the engine; fail only what it touched
+                log.error("engine step failed: %s: %s", type(exc).__name__, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
                 self._fail_all(EngineError(f"internal engine error: {type(exc).__name__}"))
-        self._fail_all(EngineUnavailableError("the server is shutting down"))
+        self._fail_everything(EngineUnavailableError("the server is shutting down"))
+
+    def _fail_everything(self, error: EngineError) -> None:
+        self._fail_all(error)
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for handle in waiting:
-            self._emit_finish(handle, Finish("error", 0, 0, 0, EngineUnavailableError("the server is shutting down")))
+            self._emit_finish(handle, Finish("error", len(handle.request.prompt_tokens), 0, 0, error))
 
     def _run_jobs(self) -> None:
         while True:
@@ -182,36 +211,49 @@ class Scheduler:
                 fut.set_exception(exc)
 
     def _emit_finish(self, handle: RequestHandle, finish: Finish) -> None:
-        handle.emit(finish)
+        """The one place a request leaves the system: its place is released first (a client that resubmits at
+        once finds it free), whatever closing the sampler or delivering the event then does."""
         with self._lock:
             self._in_system -= 1
+        try:
+            if handle.sampler is not None:
+                handle.sampler.close()
+                handle.sampler = None
+            handle.emit(finish)
+        except Exception:
+            log.error("could not deliver the end of a request", exc_info=log.isEnabledFor(logging.DEBUG))
 
     def _finish(self, slot: _Slot, reason: str, error: Optional[EngineError] = None) -> None:
         handle = slot.handle
         if handle is None:
             return
-        if slot.text is not None and reason in ("stop", "length") and error is None:
-            tail = slot.text.flush()
-            if tail or slot.held_logprobs:
-                handle.emit(Delta(tail, slot.held_tokens, slot.held_logprobs))
-        if slot.sampler is not None:
-            slot.sampler.close()
         finish = Finish(reason, slot.n_prompt, slot.n_generated, slot.n_cached, error)
+        text = slot.text
         slot.handle = None
-        slot.sampler = None
         slot.text = None
         slot.next_token = None
         slot.pending = []
         slot.wait_for = None
+        held_tokens, held_logprobs = slot.held_tokens, slot.held_logprobs
         slot.held_logprobs = []
         slot.held_tokens = []
-        self._emit_finish(handle, finish)
+        try:
+            if text is not None and reason in ("stop", "length") and error is None:
+                tail = text.flush()
+                if tail or held_logprobs:
+                    handle.emit(Delta(tail, held_tokens, held_logprobs))
+        finally:
+            self._emit_finish(handle, finish)
 
     def _fail_all(self, error: EngineError) -> None:
         for slot in self._slots:
             if slot.busy:
-                self._finish(slot, "error", error)
-                self._forget(slot)
+                self._fail(slot, error)
+
+    def _fail(self, slot: _Slot, error: EngineError) -> None:
+        """End one sequence with an error and drop its cache (its state is not trusted any more)."""
+        self._finish(slot, "error", error)
+        self._forget(slot)
 
     def _forget(self, slot: _Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, 0, -1)
@@ -241,7 +283,14 @@ class Scheduler:
                 handle = self._waiting.popleft()
             try:
                 self._assign(handle, free)
-            except EngineError as exc:
+            except Exception as exc:  # this request's problem only: it ends, its place is released
+                if not isinstance(exc, EngineError):
+                    log.error("admitting a request failed: %s: %s", type(exc).__name__, exc)
+                    exc = EngineError(f"internal engine error: {type(exc).__name__}")
+                for slot in free:
+                    if slot.handle is handle:
+                        slot.handle = None
+                        self._forget(slot)
                 self._emit_finish(handle, Finish("error", len(handle.request.prompt_tokens), 0, 0, exc))
 
     def _is_donor(self, slot: _Slot) -> bool:
@@ -270,7 +319,6 @@ class Scheduler:
                 if m > pending_n:
                     pending_donor, pending_n = s, m
 
-        sampler = SamplerChain(self.model.vocab, self.model.n_vocab, req.sampling)
         slot = own
         wait_for: Optional[tuple[_Slot, int]] = None
         worth_waiting = pending_n >= MIN_SHARED_PREFIX and pending_n > max(own_n, donor_n) + MIN_SHARED_PREFIX
@@ -293,7 +341,6 @@ class Scheduler:
             reused = own_n
 
         slot.handle = handle
-        slot.sampler = sampler
         slot.text = TextStream(req.stop)
         slot.pending = prompt[len(slot.cache):] if wait_for is None else []
         slot.wait_for = wait_for
@@ -381,13 +428,17 @@ class Scheduler:
                 slot.next_token = None
         for slot, index in entries:
             if slot.busy:
-                self._sample(slot, index)
+                try:
+                    self._sample(slot, index)
+                except Exception as exc:  # one sequence's failure is not its neighbours'
+                    log.error("sampling a sequence failed: %s: %s", type(exc).__name__, exc)
+                    self._fail(slot, EngineError(f"internal engine error: {type(exc).__name__}"))
 
     def _sample(self, slot: _Slot, index: int) -> None:
         handle = slot.handle
-        assert handle is not None and slot.sampler is not None and slot.text is not None
+        assert handle is not None and handle.sampler is not None and slot.text is not None
         req = handle.request
-        token = slot.sampler.sample(self.model.ctx, index)
+        token = handle.sampler.sample(self.model.ctx, index)
         slot.n_generated += 1
         if req.logprobs is not None:
             logits = logits_at(self.model.ctx, index, self.model.n_vocab)

@@ -113,6 +113,7 @@ class RequestHandle:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
         self.finished = False
+        self.sampler: Optional[Any] = None  # the engine's per-request sampler, freed when the request ends
 
     # engine side -------------------------------------------------------------
     def emit(self, event: Event) -> None:
