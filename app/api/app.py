@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.auth import APIKeyAuth
+from app.api.auth import AUTHENTICATED, APIKeyAuth, AuthMiddleware
 from app.api.dashboard import dashboard_router
-from app.api.errors import error_body, install_error_handlers
+from app.api.errors import APIError, install_error_handlers, send_error
 from app.api.routes import api_router, extras_router, health_router
 from app.runtime import Runtime
 from app.telemetry.prometheus import LiveCollector
@@ -22,40 +22,29 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # Probes, scrapes and the dashboard are not use: they are neither counted nor keep an idle app alive.
 UNCOUNTED_PATHS = frozenset({"/health", "/metrics", "/", "/dashboard", "/dashboard/status", "/dashboard/data"})
+# Answers that say the caller did not reach the API: never activity, whoever sent them.
+NOT_USE = frozenset({401, 403, 404, 405})
 
 
 class StatsMiddleware:
-    """Counts every API request from its start to its last byte (streams included) and caps body size."""
+    """Counts every API request from its start to its last byte (streams included).
 
-    def __init__(self, app: ASGIApp, runtime: Runtime, max_body: int = MAX_BODY_BYTES) -> None:
+    Only an authenticated request that reached a route is activity: a scan (401, 404, 405) is counted but
+    never keeps an idle instance alive.
+    """
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
-        self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNCOUNTED_PATHS:
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            await _send_json(send, 413, error_body(
-                f"The request body is larger than the limit of {self.max_body} bytes.", "invalid_request_error",
-                None, "request_too_large"))
-            return
         stats = self.runtime.stats
         record: dict[str, Any] = scope.setdefault("app.metrics", {})
         status = {"code": 500}
-        received = {"bytes": 0}
         started = stats.begin()
-
-        async def limited_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                received["bytes"] += len(message.get("body", b""))
-                if received["bytes"] > self.max_body:
-                    # FastAPI re-raises HTTPException from body parsing, so this reaches our error handler.
-                    raise HTTPException(413, f"The request body is larger than the limit of {self.max_body} bytes.")
-            return message
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -63,17 +52,42 @@ class StatsMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
         finally:
+            active = bool(scope.get(AUTHENTICATED)) and status["code"] not in NOT_USE
             stats.end(scope["path"], status["code"], started, record.get("ttft_s"),
-                      record.get("prompt_tokens", 0), record.get("completion_tokens", 0))
+                      record.get("prompt_tokens", 0), record.get("completion_tokens", 0), active=active)
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
+class BodyLimitMiddleware:
+    """Caps the request body (after the key check, so a keyless caller gets 401 whatever it sends)."""
+
+    def __init__(self, app: ASGIApp, max_body: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"The request body is larger than the limit of {self.max_body} bytes."
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await send_error(send, APIError(413, message, code="request_too_large"))
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_body:
+                    # FastAPI re-raises HTTPException from body parsing, so this reaches our error handler.
+                    raise HTTPException(413, message)
+            return msg
+
+        await self.app(scope, limited_receive, send)
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -82,15 +96,19 @@ def create_app(runtime: Runtime) -> FastAPI:
     # from a CDN): the schema is served behind the key by extras_router instead.
     app = FastAPI(title="llama.cpp Model Deployment for ClearML", version="0.1.0",
                   description="An OpenAI-compatible endpoint serving a GGUF model in-process.",
-                  openapi_url=None, docs_url=None, redoc_url=None)
+                  openapi_url=None, docs_url=None, redoc_url=None,
+                  # No trailing-slash redirects: their Location would be built from the client's Host header.
+                  redirect_slashes=False)
     app.state.runtime = runtime
     app.state.started = time.time()
-    auth = APIKeyAuth(runtime.api_key)
     runtime.stats.metrics.registry.register(LiveCollector(runtime))
     install_error_handlers(app)
     app.include_router(health_router())
-    app.include_router(api_router(auth))
-    app.include_router(extras_router(auth))
-    app.include_router(dashboard_router(auth))
+    app.include_router(api_router())
+    app.include_router(extras_router())
+    app.include_router(dashboard_router())
+    # Added innermost first: stats see everything, then the key is checked, then the body is read.
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(AuthMiddleware, auth=APIKeyAuth(runtime.api_key))
     app.add_middleware(StatsMiddleware, runtime=runtime)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Optional
 
@@ -9,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from app.engine.chat import ChatTemplateError
 from app.engine.types import EngineError, QueueFullError
@@ -51,6 +53,15 @@ def error_body(message: str, error_type: str, param: Optional[str] = None,
 def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.error_type, exc.param, exc.code), status_code=exc.status,
                         headers=exc.headers)
+
+
+async def send_error(send: Send, exc: APIError) -> None:
+    """The same error as a raw ASGI response, for middleware that answers before any route runs."""
+    data = json.dumps(error_body(exc.message, exc.error_type, exc.param, exc.code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
 
 
 def from_engine_error(exc: EngineError) -> APIError:

@@ -2,24 +2,69 @@
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients
 keep working; known fields are checked against OpenAI's documented ranges.
+Numbers are strict (no "5" or true for an integer), floats finite, and every
+string must be encodable as UTF-8 (JSON lets a client send a lone surrogate).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import re
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator
 
 MAX_N = 16
 MAX_STOP = 4
+
+# Strict scalars: JSON's types are what the client meant, not strings or booleans coerced.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, Field(allow_inf_nan=False), Strict()]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def find_unencodable(value: Any, path: str = "") -> Optional[str]:
+    """The path of the first string (key or value) holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, BaseModel):
+        value = {k: getattr(value, k) for k in type(value).model_fields}
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return where
+            found = find_unencodable(inner, where)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, inner in enumerate(value):
+            found = find_unencodable(inner, f"{path}.{i}" if path else str(i))
+            if found:
+                return found
+    return None
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class _TopRequest(_Request):
+    """A whole request body: refused (400 naming the field) if any string cannot be encoded."""
+
+    @field_validator("*")
+    @classmethod
+    def _encodable(cls, value: Any, info: ValidationInfo) -> Any:
+        where = find_unencodable(value)
+        if where is not None:
+            inner = f" (at {where})" if where else ""
+            raise ValueError(f"text holds a lone UTF-16 surrogate, which is not valid Unicode{inner}")
+        return value
+
+
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 def _check_stop(value: Union[str, list[str], None]) -> list[str]:
@@ -31,22 +76,22 @@ def _check_stop(value: Union[str, list[str], None]) -> list[str]:
     return [s for s in stops if s]
 
 
-class SamplingFields(_Request):
+class SamplingFields(_TopRequest):
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    seed: Optional[int] = None
+    max_tokens: Optional[Int] = Field(None, ge=1)
+    temperature: Float = Field(1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(1.0, gt=0.0, le=1.0)
+    top_k: Int = Field(0, ge=0)
+    min_p: Float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
+    repeat_penalty: Float = Field(1.0, gt=0.0, le=10.0)
+    seed: Optional[Int] = None
     stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
+    n: Int = Field(1, ge=1, le=MAX_N)
+    stream: Bool = False
     stream_options: Optional[StreamOptions] = None
-    ignore_eos: bool = False  # llama.cpp extension, for fixed-length benchmarks
+    ignore_eos: Bool = False  # llama.cpp extension, for fixed-length benchmarks
 
     @field_validator("stop")
     @classmethod
@@ -62,16 +107,16 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    max_completion_tokens: Optional[Int] = Field(None, ge=1)
+    logprobs: Bool = False
+    top_logprobs: Optional[Int] = Field(None, ge=0, le=20)
     response_format: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: bool = False
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    prompt: Union[str, list[str], list[Int], list[list[Int]]]
+    echo: Bool = False
+    logprobs: Optional[Int] = Field(None, ge=0, le=5)
     suffix: Optional[str] = None
     response_format: Optional[dict[str, Any]] = None
 
@@ -83,9 +128,9 @@ class CompletionRequest(SamplingFields):
         return value
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(_TopRequest):
     model: Optional[str] = None
-    input: Union[str, list[str], list[int], list[list[int]]]
+    input: Union[str, list[str], list[Int], list[list[Int]]]
     encoding_format: Literal["float", "base64"] = "float"
 
     @field_validator("input")
@@ -96,12 +141,12 @@ class EmbeddingRequest(_Request):
         return value
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_TopRequest):
     content: str
-    add_special: bool = False
-    parse_special: bool = True
-    with_pieces: bool = False
+    add_special: Bool = False
+    parse_special: Bool = True
+    with_pieces: Bool = False
 
 
-class DetokenizeRequest(_Request):
-    tokens: list[int]
+class DetokenizeRequest(_TopRequest):
+    tokens: list[Int]

@@ -11,8 +11,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from app.telemetry.prometheus import RequestMetrics
 from typing import Callable, Optional
+
+from app.telemetry.prometheus import RequestMetrics, endpoint_label
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -79,25 +80,26 @@ class RequestStats:
             return self._clock()
 
     def end(self, endpoint: str, status: int, started: float, ttft_s: Optional[float] = None,
-            prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+            prompt_tokens: int = 0, completion_tokens: int = 0, active: bool = True) -> None:
+        """One request ended; `active` says whether it was use (authenticated, reached a route)."""
+        label = endpoint_label(endpoint)  # a closed set: random paths must not grow memory
         with self._lock:
             now = self._clock()
             self._in_flight -= 1
-            if status not in (401, 403):
-                # A caller without the key is not a user: scans must not keep an idle app alive.
+            if active:
                 self._last_activity = now
             self._total += 1
             self._requests += 1
             if status >= 400:
                 self._errors += 1
-            self._by_endpoint[(endpoint, status)] += 1
+            self._by_endpoint[(label, status)] += 1
             self._latencies.append((now - started) * 1000.0)
             if ttft_s is not None:
                 self._ttft.append(ttft_s * 1000.0)
             self._prompt_tokens += prompt_tokens
             self._completion_tokens += completion_tokens
             latency_s = now - started
-        self.metrics.observe(endpoint, status, latency_s, ttft_s, prompt_tokens, completion_tokens)
+        self.metrics.observe(label, status, latency_s, ttft_s, prompt_tokens, completion_tokens)
 
     @property
     def in_flight(self) -> int:
