@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
-from app.engine.engine import EngineProtocol
+from app.engine.types import EngineProtocol
 from app.telemetry.hardware import HardwareSampler
 from app.telemetry.history import ConsoleTail, History
 from app.telemetry.stats import RequestStats

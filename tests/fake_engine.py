@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from app.engine.text import TextStream
 from app.engine.types import (
+    ChatPrompt,
     ContextLengthError,
     Delta,
     EngineUnavailableError,
@@ -20,6 +21,7 @@ from app.engine.types import (
     QueueFullError,
     RequestHandle,
     TokenLogprob,
+    TopLogprob,
 )
 
 
@@ -42,9 +44,9 @@ class FakeEngine:
         self._tasks: set[asyncio.Task[None]] = set()
 
     # prompts
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> ChatPrompt:
         text = "".join(f"<{m['role']}>{m.get('content') or ''}" for m in messages) + "<assistant>"
-        return self.tokenize(text), ["<end>"]
+        return ChatPrompt(self.tokenize(text), ["<end>"])
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return [ord(c) for c in text]
@@ -114,7 +116,7 @@ class FakeEngine:
                 else:
                     await asyncio.sleep(0)
                 n += 1
-                alternatives = [(ch, -0.5, list(ch.encode()))] * (req.logprobs or 0)
+                alternatives = [TopLogprob(ch, -0.5, list(ch.encode()))] * (req.logprobs or 0)
                 lps = [TokenLogprob(ch, -0.5, list(ch.encode()), alternatives)] \
                     if req.logprobs is not None else []
                 text = stream.push(ch.encode())

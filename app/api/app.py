@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from starlette.datastructures import Headers
@@ -13,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.auth import AUTHENTICATED, APIKeyAuth, AuthMiddleware
 from app.api.dashboard import dashboard_router
 from app.api.errors import APIError, install_error_handlers, send_error
+from app.api.record import record_of
 from app.api.routes import api_router, extras_router, health_router
 from app.runtime import Runtime
 from app.telemetry.prometheus import LiveCollector
@@ -42,7 +42,7 @@ class StatsMiddleware:
             await self.app(scope, receive, send)
             return
         stats = self.runtime.stats
-        record: dict[str, Any] = scope.setdefault("app.metrics", {})
+        record = record_of(scope)
         status = {"code": 500}
         started = stats.begin()
 
@@ -55,8 +55,8 @@ class StatsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             active = bool(scope.get(AUTHENTICATED)) and status["code"] not in NOT_USE
-            stats.end(scope["path"], status["code"], started, record.get("ttft_s"),
-                      record.get("prompt_tokens", 0), record.get("completion_tokens", 0), active=active)
+            stats.end(scope["path"], status["code"], started, record.ttft_s, record.prompt_tokens,
+                      record.completion_tokens, active=active)
 
 
 class BodyLimitMiddleware:

@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
+from app.api.protocol import ErrorDetail, ErrorResponse
 from app.engine.chat import ChatTemplateError
-from app.engine.types import EngineError, QueueFullError
+from app.engine.types import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,33 @@ class APIError(Exception):
         self.headers = headers
 
 
+# Engine failures as HTTP answers: the engine knows nothing of HTTP. The most specific class wins (MRO order).
+_ENGINE_STATUS: dict[type[EngineError], tuple[int, str]] = {
+    InvalidRequestError: (400, "invalid_request_error"),
+    QueueFullError: (429, "rate_limit_error"),
+    EngineUnavailableError: (503, "service_unavailable"),
+    EngineError: (500, "server_error"),
+}
+
+
+def engine_status(exc: EngineError) -> tuple[int, str]:
+    """(HTTP status, OpenAI error type) for an engine failure."""
+    for cls in type(exc).__mro__:
+        if cls in _ENGINE_STATUS:
+            return _ENGINE_STATUS[cls]  # type: ignore[index]
+    return 500, "server_error"
+
+
 def error_body(message: str, error_type: str, param: Optional[str] = None,
                code: Optional[str] = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    """The one error shape, as a dict (the body of every error answer)."""
+    return ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=code)).model_dump()
+
+
+def error_response_body(exc: EngineError) -> ErrorResponse:
+    """An engine failure in the wire shape (also the error event of a stream)."""
+    _, error_type = engine_status(exc)
+    return ErrorResponse(error=ErrorDetail(message=str(exc), type=error_type, param=exc.param, code=exc.code))
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -65,8 +90,9 @@ async def send_error(send: Send, exc: APIError) -> None:
 
 
 def from_engine_error(exc: EngineError) -> APIError:
+    status, error_type = engine_status(exc)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if isinstance(exc, QueueFullError) else None
-    return APIError(exc.status, str(exc), exc.code, exc.param, exc.error_type, headers)
+    return APIError(status, str(exc), exc.code, exc.param, error_type, headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:

@@ -12,17 +12,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api import serving
+from app.api.choices import ChoiceSet, ChoiceSpec, collect, until_disconnect, usage_of
 from app.api.errors import APIError, error_body
+from app.api.record import record_of
 from app.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ModelCard,
+    ModelList,
     SamplingFields,
     TokenizeRequest,
 )
-from app.engine.engine import EngineProtocol
-from app.engine.types import GenerationRequest
+from app.engine.types import EngineProtocol
 from app.runtime import Runtime
 from app.telemetry.prometheus import render
 
@@ -42,12 +45,6 @@ def engine_of(request: Request) -> EngineProtocol:
         raise APIError(503, "The model is still loading; retry shortly (GET /health reports readiness).",
                        code="model_not_ready", headers={"Retry-After": "2"})
     return runtime.engine
-
-
-def metrics_of(request: Request) -> dict[str, Any]:
-    """The per-request record the stats middleware reads when the response ends."""
-    record: dict[str, Any] = request.scope.setdefault("app.metrics", {})
-    return record
 
 
 def health_router() -> APIRouter:
@@ -77,12 +74,12 @@ def api_router() -> APIRouter:
     router = APIRouter()
 
     @router.get("/v1/models")
-    async def list_models(request: Request) -> dict[str, Any]:
+    async def list_models(request: Request) -> ModelList:
         runtime = runtime_of(request)
-        return {"object": "list", "data": [model_card(runtime)]}
+        return ModelList(data=[model_card(runtime)])
 
     @router.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    async def get_model(model_id: str, request: Request) -> ModelCard:
         runtime = runtime_of(request)
         if model_id != runtime.model_id:
             raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{runtime.model_id}'.",
@@ -92,16 +89,16 @@ def api_router() -> APIRouter:
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = engine_of(request)
-        requests = await serving.build_chat(engine, body)
-        return await generate(request, engine, requests, body, "chatcmpl", body.logprobs,
-                              serving.stream_chat, serving.chat_response, "n")
+        specs = await serving.build_chat(engine, body)
+        shape = serving.ChatShape(engine.model_id, body.logprobs, include_usage(body))
+        return await generate(request, engine, specs, body.stream, shape, "n")
 
     @router.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         engine = engine_of(request)
-        requests = await serving.build_completion(engine, body)
-        return await generate(request, engine, requests, body, "cmpl", body.logprobs is not None,
-                              serving.stream_completion, serving.completion_response, "prompt")
+        specs = await serving.build_completion(engine, body)
+        shape = serving.CompletionShape(engine.model_id, body.logprobs is not None, include_usage(body))
+        return await generate(request, engine, specs, body.stream, shape, "prompt")
 
     @router.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
@@ -127,7 +124,7 @@ def api_router() -> APIRouter:
                 inputs.append(serving.check_token_ids(engine, item, "input"))
         vectors = await engine.embed(inputs)
         n_tokens = sum(len(t) for t in inputs)
-        metrics_of(request)["prompt_tokens"] = n_tokens
+        record_of(request.scope).prompt_tokens = n_tokens
         data = []
         for i, vec in enumerate(vectors):
             emb: Any = vec
@@ -171,36 +168,36 @@ def extras_router() -> APIRouter:
     return router
 
 
-async def generate(request: Request, engine: EngineProtocol, requests: list[tuple[int, GenerationRequest, str]],
-                   body: SamplingFields, id_prefix: str, want_logprobs: bool, stream_fn: Any, response_fn: Any,
-                   count_param: str) -> Any:
+async def generate(request: Request, engine: EngineProtocol, specs: list[ChoiceSpec], streamed: bool,
+                   shape: serving.Shape, count_param: str) -> Any:
     """Submit every choice, then stream them (SSE) or collect them into one response."""
-    choice_set = serving.ChoiceSet(engine)
-    await choice_set.submit(requests, count_param)
-    rid, created, model = serving.new_id(id_prefix), serving.now(), engine.model_id
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EngineStream(stream_fn(choice_set, model, rid, created, want_logprobs, include_usage), request,
-                            choice_set)
-    await serving.collect(choice_set, request)
+    choice_set = ChoiceSet(engine)
+    await choice_set.submit(specs, count_param)
+    if streamed:
+        return EngineStream(serving.stream(choice_set, shape), request, choice_set)
+    await collect(choice_set, request)
     record_usage(request, choice_set)
     error = choice_set.first_error()
     if error is not None:
         raise error
-    return response_fn(model, rid, created, choice_set.choices, want_logprobs)
+    return shape.response(choice_set.choices)
 
 
-def model_card(runtime: Runtime) -> dict[str, Any]:
-    return {"id": runtime.model_id, "object": "model", "created": 0, "owned_by": "llamacpp-clearml"}
+def include_usage(body: SamplingFields) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def record_usage(request: Request, choice_set: serving.ChoiceSet) -> None:
-    usage = serving.usage_of(choice_set.choices)
-    record = metrics_of(request)
+def model_card(runtime: Runtime) -> ModelCard:
+    return ModelCard(id=runtime.model_id)
+
+
+def record_usage(request: Request, choice_set: ChoiceSet) -> None:
+    usage = usage_of(choice_set.choices)
+    record = record_of(request.scope)
     if choice_set.first_token_at is not None:
-        record["ttft_s"] = choice_set.first_token_at - choice_set.started_at
-    record["prompt_tokens"] = usage.prompt_tokens
-    record["completion_tokens"] = usage.completion_tokens
+        record.ttft_s = choice_set.first_token_at - choice_set.started_at
+    record.prompt_tokens = usage.prompt_tokens
+    record.completion_tokens = usage.completion_tokens
 
 
 class EngineStream(StreamingResponse):
@@ -211,14 +208,14 @@ class EngineStream(StreamingResponse):
     once and records the usage for the stats.
     """
 
-    def __init__(self, content: AsyncIterator[str], request: Request, choice_set: serving.ChoiceSet) -> None:
+    def __init__(self, content: AsyncIterator[str], request: Request, choice_set: ChoiceSet) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
         self._request = request
         self._choice_set = choice_set
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         # uvicorn's send() goes quiet after a disconnect instead of raising, so listen for it ourselves.
-        watcher = asyncio.create_task(serving.until_disconnect(receive, self._choice_set.cancel))
+        watcher = asyncio.create_task(until_disconnect(receive, self._choice_set.cancel))
         try:
             await super().__call__(scope, receive, send)
         finally:

@@ -54,9 +54,6 @@ CHAT_FORMATS: dict[str, tuple[str, list[str]]] = {
     "llama3": (LLAMA3, ["<|eot_id|>"]),
 }
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
 class ChatTemplateError(ValueError):
     """The messages cannot be rendered by the template (the template said why)."""
 

@@ -8,7 +8,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 import llama_cpp
 
@@ -17,39 +17,17 @@ from app.engine.model import LlamaModel, ModelOptions
 from app.engine.scheduler import Scheduler
 from app.engine.sampling import SamplerChain
 from app.engine.types import (
+    ChatPrompt,
     ContextLengthError,
     EngineError,
     EngineUnavailableError,
     GenerationRequest,
     InvalidRequestError,
     RequestHandle,
+    ShuttingDownError,
 )
 
 log = logging.getLogger(__name__)
-
-
-class EngineProtocol(Protocol):
-    """What the API needs from an engine; the real one and the tests' fake both provide it."""
-
-    model_id: str
-    n_ctx_seq: int
-    parallel: int
-    capacity: int  # requests held at once (sequences + queue): a request needing more can never be admitted
-    embeddings_enabled: bool
-
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]: ...
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]: ...
-    def detokenize(self, tokens: list[int]) -> str: ...
-    def token_piece(self, token: int) -> str: ...
-    def valid_token(self, token: int) -> bool: ...
-    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle: ...
-    def abort(self, message: str) -> None: ...
-    async def embed(self, inputs: list[list[int]]) -> list[list[float]]: ...
-    @property
-    def queue_depth(self) -> int: ...
-    @property
-    def active(self) -> int: ...
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -88,7 +66,7 @@ class LlamaEngine:
 
     # --- prompts ----------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> ChatPrompt:
         """Render and tokenize a chat; returns tokens and the template's stop strings."""
         flat = [dict(m, content=flatten_content(m.get("content"))) for m in messages]
         text = self.template.render(flat, add_generation_prompt=True)
@@ -97,7 +75,7 @@ class LlamaEngine:
         if self.template.bos_token and not text.startswith(self.template.bos_token) and \
                 llama_cpp.llama_vocab_get_add_bos(self.model.vocab):
             tokens = [llama_cpp.llama_vocab_bos(self.model.vocab)] + tokens
-        return tokens, list(self.template.stop)
+        return ChatPrompt(tokens, list(self.template.stop))
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
@@ -133,7 +111,7 @@ class LlamaEngine:
 
     def abort(self, message: str) -> None:
         """End every running and queued request with a 503 (the end of a drain)."""
-        self.scheduler.abort(EngineUnavailableError(message))
+        self.scheduler.abort(ShuttingDownError(message))
 
     @property
     def queue_depth(self) -> int:

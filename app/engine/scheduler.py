@@ -30,12 +30,13 @@ from app.engine.types import (
     ContextLengthError,
     Delta,
     EngineError,
-    EngineUnavailableError,
     Finish,
     GenerationRequest,
     QueueFullError,
     RequestHandle,
+    ShuttingDownError,
     TokenLogprob,
+    TopLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class Scheduler:
         (raised here) the caller still owns it.
         """
         if self._stop.is_set() or self._abort is not None:
-            raise EngineUnavailableError("the server is shutting down")
+            raise ShuttingDownError("the server is shutting down")
         n_prompt = len(request.prompt_tokens)
         if n_prompt == 0:
             raise ContextLengthError("the prompt is empty after tokenization", param="prompt")
@@ -188,7 +189,7 @@ class Scheduler:
                 log.error("engine step failed: %s: %s", type(exc).__name__, exc,
                           exc_info=log.isEnabledFor(logging.DEBUG))
                 self._fail_all(EngineError(f"internal engine error: {type(exc).__name__}"))
-        self._fail_everything(EngineUnavailableError("the server is shutting down"))
+        self._fail_everything(ShuttingDownError("the server is shutting down"))
 
     def _fail_everything(self, error: EngineError) -> None:
         self._fail_all(error)
@@ -468,5 +469,5 @@ class Scheduler:
         alts = []
         for tok, lp in top:
             b = self.model.token_bytes(tok)
-            alts.append((b.decode("utf-8", errors="replace"), lp, list(b)))
+            alts.append(TopLogprob(b.decode("utf-8", errors="replace"), lp, list(b)))
         return TokenLogprob(raw.decode("utf-8", errors="replace"), chosen, list(raw), alts)

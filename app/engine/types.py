@@ -1,4 +1,4 @@
-"""What flows between the HTTP layer and the engine: requests, events, errors.
+"""What flows between the HTTP layer and the engine: the protocol, requests, events, errors.
 
 The engine runs on its own thread; a `RequestHandle` carries events back to
 the asyncio loop that submitted the request, and carries cancellation the
@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Protocol, Union
 
 
 class EngineError(Exception):
-    """A request the engine cannot serve; `code` and `status` shape the HTTP error."""
+    """A request the engine cannot serve. `code` is a stable machine-readable reason (OpenAI's where one
+    exists), `param` the request field at fault; the API layer maps the class to an HTTP answer."""
 
-    status = 500
     code: Optional[str] = None
-    error_type = "server_error"
     param: Optional[str] = None
 
     def __init__(self, message: str, param: Optional[str] = None) -> None:
@@ -28,8 +27,7 @@ class EngineError(Exception):
 
 
 class InvalidRequestError(EngineError):
-    status = 400
-    error_type = "invalid_request_error"
+    """The request itself is wrong: retrying it unchanged will fail again."""
 
 
 class ContextLengthError(InvalidRequestError):
@@ -37,15 +35,21 @@ class ContextLengthError(InvalidRequestError):
 
 
 class QueueFullError(EngineError):
-    status = 429
+    """Every sequence is busy and the queue is full: retry later."""
+
     code = "queue_full"
-    error_type = "rate_limit_error"
 
 
 class EngineUnavailableError(EngineError):
-    status = 503
+    """The engine cannot serve now (loading, shutting down)."""
+
     code = "model_not_ready"
-    error_type = "service_unavailable"
+
+
+class ShuttingDownError(EngineUnavailableError):
+    """The server is stopping: new requests are refused, and at the end of a drain running ones are ended."""
+
+    code = "shutting_down"
 
 
 @dataclass
@@ -76,11 +80,26 @@ class GenerationRequest:
 
 
 @dataclass
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@dataclass
 class TokenLogprob:
     token: str
     logprob: float
     bytes: list[int]
-    top: list[tuple[str, float, list[int]]]
+    top: list[TopLogprob]
+
+
+@dataclass
+class ChatPrompt:
+    """A rendered, tokenized chat and the strings that end the assistant's turn in its template."""
+
+    tokens: list[int]
+    stop: list[str]
 
 
 @dataclass
@@ -112,7 +131,6 @@ class RequestHandle:
         self._loop = loop
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
-        self.finished = False
         self.sampler: Optional[Any] = None  # the engine's per-request sampler, freed when the request ends
 
     # engine side -------------------------------------------------------------
@@ -141,13 +159,31 @@ class RequestHandle:
                 event = await asyncio.wait_for(self._queue.get(), timeout)
         except asyncio.TimeoutError:
             return None
-        if isinstance(event, Finish):
-            self.finished = True
         return event
 
 
-def finish_reason_for(finish: Finish) -> str:
-    return "length" if finish.reason == "length" else "stop"
+class EngineProtocol(Protocol):
+    """What the API needs from an engine; the real one (engine.LlamaEngine) and the tests' fake provide it.
 
+    Declared here, beside the types it speaks, so naming it never imports llama.cpp.
+    """
 
-JSONDict = dict[str, Any]
+    model_id: str
+    n_ctx_seq: int
+    parallel: int
+    capacity: int  # requests held at once (sequences + queue): a request needing more can never be admitted
+    embeddings_enabled: bool
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> ChatPrompt: ...
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]: ...
+    def detokenize(self, tokens: list[int]) -> str: ...
+    def token_piece(self, token: int) -> str: ...
+    def valid_token(self, token: int) -> bool: ...
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle: ...
+    def abort(self, message: str) -> None: ...
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def active(self) -> int: ...
+    def close(self) -> None: ...
