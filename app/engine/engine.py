@@ -162,8 +162,8 @@ class LlamaEngine:
     # --- shutdown -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        self.scheduler.stop()
-        self.model.close()
+        if self.scheduler.stop():
+            self.model.close()  # only once nothing can touch the contexts any more
 
 
 def load_engine(options: EngineOptions) -> LlamaEngine:

@@ -100,12 +100,19 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the engine thread; True when it ended. The batch is freed only then: a thread still inside
+        llama_decode (a long step) keeps using it, and freeing it under that thread would crash the process."""
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the engine thread did not stop within %.0f s; leaving its buffers to the process exit",
+                        timeout)
+            return False
         llama_cpp.llama_batch_free(self._batch)
+        return True
 
     # --- submission (any thread) -------------------------------------------------------
 
