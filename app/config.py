@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 GENERAL = "General"
 ADVANCED = "Advanced Options"
@@ -25,6 +26,19 @@ MASK = "***"  # how exports show secrets; importing it means "not given"
 
 # 9999 is the launch form's "all layers" value, kept as llama.cpp understands it.
 ALL_GPU_LAYERS = 9999
+
+# Bounds. llama.cpp's own limits were measured by loading the demo model with llama-cpp-python 0.3.36
+# (app.engine.model.LlamaModel in a child process); the others are this app's choices, reasons given.
+LLAMA_MAX_SEQUENCES = 256  # n_seq_max 257: "n_seq_max must be <= 256"
+MIN_CTX_PER_SEQUENCE = 64  # a chat template, a short prompt and a short reply; llama.cpp itself has no minimum
+MAX_N_CTX = 1 << 20  # the longest trained contexts of released GGUF models (~1M); guards uint32 wrap-around
+MAX_N_BATCH = 8192  # n_ubatch = n_batch: the compute buffer grows with n_batch x n_ctx (8 GiB at 8192 x 8192)
+MAX_THREADS = 1024  # absolute; the machine check below is tighter
+THREADS_PER_CORE = 4  # past the cores each thread only spins: 64 threads on 2 cores decode 8x slower
+MAX_QUEUE = 4096  # waiting requests each hold a connection; 16 full waves of 256 sequences
+MAX_IDLE_HOURS = 8760.0  # a year; 0 already means "never"
+MIN_REPORT_INTERVAL_S = 1.0  # each report samples the machine and calls ClearML: at 1 ms an idle app used 90% of a core
+MAX_REPORT_INTERVAL_S = 3600.0  # the dashboard shows the last hour: at least one point in it
 
 
 class ConfigError(ValueError):
@@ -49,21 +63,25 @@ class AppConfig(BaseModel):
     )
     hf_token: str = _field(
         "", GENERAL, "Hugging Face Token",
-        "Token for gated or private Hugging Face repositories. Never logged or exported.", secret=True,
+        "Token for gated or private Hugging Face repositories; when empty, HF_TOKEN from the environment. "
+        "Never logged or exported.", secret=True,
     )
     n_gpu_layers: int = _field(
         ALL_GPU_LAYERS, GENERAL, "Number of GPU Layers",
-        "Layers to offload to the GPU; 9999 = all, 0 = CPU only. Ignored on a CPU-only build.", ge=0,
+        "Layers to offload to the GPU; 9999 = all, 0 = CPU only. Ignored on a CPU-only build.",
+        ge=0, le=ALL_GPU_LAYERS,
     )
 
     # --- Advanced Options --------------------------------------------------
     idle_time_limit_hours: float = _field(
         1.0, ADVANCED, "Idle Time Limit (Hours)",
-        "Stop the app after this long without a request (fractions allowed); 0 = never.", ge=0,
+        "Stop the app after this long without a request (fractions allowed); 0 = never; at most 8760 (a year).",
+        ge=0, le=MAX_IDLE_HOURS,
     )
     last_action_report_interval_sec: float = _field(
         30.0, ADVANCED, "Last Action Report Interval (Seconds)",
-        "How often the last action time, status and metrics are reported to the task.", gt=0,
+        "How often the last action time, status and metrics are reported to the task; 1 to 3600.",
+        ge=MIN_REPORT_INTERVAL_S, le=MAX_REPORT_INTERVAL_S,
     )
     api_key: str = _field(
         "", ADVANCED, "API Key",
@@ -76,16 +94,27 @@ class AppConfig(BaseModel):
     port: int = _field(8080, ADVANCED, "Port", "TCP port to listen on; 0 picks a free port.", ge=0, le=65535)
     n_ctx: int = _field(
         8192, ADVANCED, "Context Size",
-        "Total context (KV cache) in tokens, shared by the parallel sequences: each sequence may use n_ctx / parallel.",
-        ge=16,
+        "Total context (KV cache) in tokens, shared by the parallel sequences: each sequence may use n_ctx / parallel, "
+        "which must be at least 64; 64 to 1048576.",
+        ge=MIN_CTX_PER_SEQUENCE, le=MAX_N_CTX,
     )
-    n_threads: int = _field(0, ADVANCED, "Threads", "CPU threads for generation; 0 = all cores.", ge=0)
-    n_batch: int = _field(512, ADVANCED, "Batch Size", "Most tokens given to one llama_decode call.", ge=1)
+    n_threads: int = _field(
+        0, ADVANCED, "Threads",
+        "CPU threads for generation; 0 = all cores; at most 4 per core of the machine that serves.",
+        ge=0, le=MAX_THREADS,
+    )
+    n_batch: int = _field(
+        512, ADVANCED, "Batch Size",
+        "Most tokens given to one llama_decode call; at least parallel, at most n_ctx and 8192.",
+        ge=1, le=MAX_N_BATCH,
+    )
     parallel: int = _field(
-        4, ADVANCED, "Parallel Sequences", "Requests decoded together; the queue holds the rest.", ge=1, le=256,
+        4, ADVANCED, "Parallel Sequences", "Requests decoded together; the queue holds the rest; 1 to 256.",
+        ge=1, le=LLAMA_MAX_SEQUENCES,
     )
     max_queue: int = _field(
-        64, ADVANCED, "Max Queue", "Requests that may wait for a free sequence; beyond that: 429.", ge=0,
+        64, ADVANCED, "Max Queue", "Requests that may wait for a free sequence; beyond that: 429; 0 to 4096.",
+        ge=0, le=MAX_QUEUE,
     )
     embeddings: bool = _field(False, ADVANCED, "Embeddings", "Serve /v1/embeddings.")
     chat_format: str = _field(
@@ -104,6 +133,24 @@ class AppConfig(BaseModel):
         if value != "auto" and value not in CHAT_FORMATS:
             raise ValueError(f"must be 'auto' or one of {', '.join(sorted(CHAT_FORMATS))}")
         return value
+
+    @model_validator(mode="after")
+    def _fits_llama_cpp(self) -> "AppConfig":
+        """Combinations llama.cpp aborts on (measured), refused before anything loads."""
+        if self.n_batch > self.n_ctx:
+            # llama.cpp cuts its batch to n_ctx while the scheduler fills n_batch: GGML_ASSERT at the first long decode.
+            raise ValueError(f"n_batch ({self.n_batch}) must not exceed n_ctx ({self.n_ctx}): "
+                             "llama.cpp caps its batch at the context; lower n_batch")
+        if self.n_batch < self.parallel:
+            # Each step decodes one token of every sequence in one batch: GGML_ASSERT(n_outputs_max ...) at load.
+            raise ValueError(f"n_batch ({self.n_batch}) must be at least parallel ({self.parallel}): "
+                             "each step decodes one token of every sequence together")
+        per_sequence = self.n_ctx // self.parallel
+        if per_sequence < MIN_CTX_PER_SEQUENCE:
+            raise ValueError(f"n_ctx ({self.n_ctx}) / parallel ({self.parallel}) leaves {per_sequence} tokens "
+                             f"per sequence, fewer than {MIN_CTX_PER_SEQUENCE}: raise n_ctx to at least "
+                             f"{MIN_CTX_PER_SEQUENCE * self.parallel} or lower parallel")
+        return self
 
     # --- views ---------------------------------------------------------------
 
@@ -160,13 +207,59 @@ def describe_error(exc: ValidationError) -> str:
     """One line naming each offending field."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:
+            # A check across fields names them itself; its input is every value, secrets included.
+            parts.append(msg)
+            continue
+        loc = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         got = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
         parts.append(f"{loc}: {msg}{got}")
     return "invalid configuration: " + "; ".join(parts)
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which containers narrow), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def check_runnable(config: AppConfig, cores: Optional[int] = None) -> None:
+    """What only the machine about to serve can check, before it binds a port or loads anything.
+
+    Kept out of AppConfig's own validation: exports, launches and the README table
+    build configurations without a model, and on machines other than the one that serves.
+    """
+    from app.model_source import ModelSourceError, check_spec
+
+    try:
+        check_spec(config.model)
+    except ModelSourceError as exc:
+        raise ConfigError(f"invalid configuration: model: {exc}") from None
+    cores = cores or usable_cores()
+    limit = THREADS_PER_CORE * cores
+    if config.n_threads > limit:
+        raise ConfigError(f"invalid configuration: n_threads: {config.n_threads} is more than {THREADS_PER_CORE} "
+                          f"per usable core ({cores} cores: at most {limit}); 0 uses all cores")
+
+
+def read_secret_file(path: str, flag: str) -> str:
+    """A secret kept in a file (off the process list): its text without surrounding whitespace."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{flag}: file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag}: {path} is not UTF-8 text") from None
+    secret = text.strip()
+    if not secret:
+        raise ConfigError(f"{flag}: {path} is empty")
+    return secret
 
 
 def build(values: dict[str, Any]) -> AppConfig:

@@ -30,6 +30,7 @@ EXIT_CONFIG = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m app",
+        allow_abbrev=False,  # an abbreviated secret flag (--api-k) would slip past scrub_secrets
         description="Serve a GGUF model as an authenticated OpenAI-compatible endpoint (ClearML app).",
     )
     parser.add_argument("--config", metavar="FILE.json", help="JSON configuration (flat or the exported format)")
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long in-flight requests may finish at shutdown (default 30)")
     parser.add_argument("--project-name", default=DEFAULT_PROJECT, help="ClearML project for a local run")
     parser.add_argument("--task-name", default=DEFAULT_TASK_NAME, help="ClearML task name for a local run")
+    parser.add_argument("--hf-token-file", metavar="PATH",
+                        help="read the Hugging Face token from this file (kept off the process list, unlike "
+                             "--hf-token); HF_TOKEN in the environment is used when no token is given")
     cfg.add_cli_arguments(parser)
     return parser
 
@@ -64,12 +68,25 @@ def scrub_secrets(argv: Sequence[str]) -> list[str]:
 
 
 def resolve_config(args: argparse.Namespace) -> cfg.AppConfig:
-    """defaults < --config FILE.json < CLI flags."""
+    """defaults < --config FILE.json < --hf-token-file < CLI flags.
+
+    HF_TOKEN from the environment comes last of all, when the model is fetched
+    (`model_source.hub_token`): it never enters the configuration, so never the task.
+    """
     values: dict[str, object] = {}
     if args.config:
         values.update(cfg.load_json(args.config))
+    if args.hf_token_file:
+        values["hf_token"] = cfg.read_secret_file(args.hf_token_file, "--hf-token-file")
     values.update(cfg.cli_values(args))
     return cfg.build(values)
+
+
+def warn_visible_secrets(args: argparse.Namespace) -> None:
+    """scrub_secrets hides flags from ClearML, not from `ps`: say so, once, without the value."""
+    if getattr(args, "hf_token", ""):
+        log.warning("--hf-token is visible to other local users on the process list; "
+                    "prefer HF_TOKEN in the environment or --hf-token-file")
 
 
 def setup_logging(level: str) -> ConsoleTail:
@@ -158,6 +175,7 @@ def configure(args: argparse.Namespace, task: Optional[AppTask]) -> cfg.AppConfi
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     console = setup_logging(args.log_level)
+    warn_visible_secrets(args)
     # ClearML records the command line on the task: secrets given as flags must not ride along.
     sys.argv[:] = scrub_secrets(sys.argv)
     task: Optional[AppTask] = None
@@ -167,6 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.warning("ClearML task could not start (%s); serving without a task", exc)
     try:
         config = configure(args, task)
+        # Before a port is bound or a byte downloaded: a model to serve, threads this machine can run.
+        cfg.check_runnable(config)
     except cfg.ConfigError as exc:
         report_failure(task, str(exc))
         return EXIT_CONFIG

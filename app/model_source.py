@@ -165,6 +165,13 @@ def _plain_final(exc: Exception) -> bool:
     return isinstance(exc, (ValueError, FileNotFoundError, PermissionError))
 
 
+def _hub_offline() -> bool:
+    """Has the user switched huggingface_hub off the network (HF_HUB_OFFLINE=1)?"""
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
 def _hub_final(exc: Exception) -> bool:
     """Hub answers that another try will not change; an unreachable Hub is worth retrying."""
     from huggingface_hub import errors
@@ -210,10 +217,28 @@ def _logged_progress() -> type:
     return LoggedProgress
 
 
+def hub_token(configured: str) -> Optional[str]:
+    """The configured token, else HF_TOKEN from the environment; logs where it came from, never its value.
+
+    The environment's token is read here rather than copied into the configuration, so it is
+    never written to the task. With neither, huggingface_hub may still send the token that
+    `hf auth login` saved.
+    """
+    if configured:
+        log.info("Hugging Face token: from the configuration")
+        return configured
+    from_env = os.environ.get("HF_TOKEN", "").strip()
+    if from_env:
+        log.info("Hugging Face token: from HF_TOKEN")
+        return from_env
+    return None
+
+
 def huggingface_copy(spec: str, token: str) -> str:
     """owner/repo/path/to/model.gguf through huggingface_hub's cache (resumes partial downloads)."""
     from huggingface_hub import hf_hub_download
 
+    send_token = hub_token(token)
     owner, repo, filename = spec.split("/", 2)
     repo_id = f"{owner}/{repo}"
     parts = split_parts(filename)
@@ -227,13 +252,40 @@ def huggingface_copy(spec: str, token: str) -> str:
     progress = _logged_progress()
     for name in names:
         log.info("fetching %s from Hugging Face repo %s", name, repo_id)
-        paths.append(_with_retries(
-            f"download of {repo_id}/{name}",
-            # HF_ENDPOINT is read now, not at huggingface_hub's import, so mirrors work whatever imported it first.
-            functools.partial(hf_hub_download, repo_id=repo_id, filename=name, token=token or None,
-                              endpoint=os.environ.get("HF_ENDPOINT") or None, tqdm_class=progress),
-            _hub_final))
+        # HF_ENDPOINT is read now, not at huggingface_hub's import, so mirrors work whatever imported it first.
+        download = functools.partial(hf_hub_download, repo_id=repo_id, filename=name, token=send_token,
+                                     endpoint=os.environ.get("HF_ENDPOINT") or None, tqdm_class=progress)
+        paths.append(_with_retries(f"download of {repo_id}/{name}", _final_when_offline(download, repo_id, name),
+                                   _hub_final))
     return paths[0]
+
+
+def _final_when_offline(download: Callable[[], str], repo_id: str, name: str) -> Callable[[], str]:
+    """With HF_HUB_OFFLINE a file missing from the cache stays missing: say so at once instead of retrying."""
+    from huggingface_hub import constants, errors
+
+    def attempt() -> str:
+        try:
+            return download()
+        except errors.LocalEntryNotFoundError:
+            if not _hub_offline():
+                raise  # the Hub was unreachable: worth another try
+            raise ModelSourceError(f"{repo_id}/{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                                   "and HF_HUB_OFFLINE is set") from None
+    return attempt
+
+
+def check_spec(spec: str) -> str:
+    """The kind of a model spec, or ModelSourceError (one line) when it names nothing this app can fetch."""
+    spec = spec.strip()
+    if not spec:
+        raise ModelSourceError("no model given: set General/model (or --model)")
+    kind = kind_of(spec)
+    if kind == "unknown":
+        raise ModelSourceError(
+            f"cannot tell what model {spec!r} is: give 'demo', a ClearML model ID, owner/repo/path/to/model.gguf, "
+            "a path or a URL")
+    return kind
 
 
 def fetch(spec: str, hf_token: str = "") -> str:
@@ -241,9 +293,7 @@ def fetch(spec: str, hf_token: str = "") -> str:
     from app import task as clearml_io
 
     spec = spec.strip()
-    if not spec:
-        raise ModelSourceError("no model given: set General/model (or --model)")
-    kind = kind_of(spec)
+    kind = check_spec(spec)
     if kind == "demo":
         return demo_model_path()
     if kind == "local":
@@ -257,8 +307,7 @@ def fetch(spec: str, hf_token: str = "") -> str:
     if kind == "url":
         log.info("fetching %s", spec)
         return _with_retries(f"download of {spec}", lambda: clearml_io.storage_copy(spec), _plain_final)
-    raise ModelSourceError(
-        f"cannot tell what model {spec!r} is: give a ClearML model ID, owner/repo/path/to/model.gguf, a path or a URL")
+    raise ModelSourceError(f"no source for model kind {kind!r}")  # not reached: check_spec knows every kind
 
 
 def split_parts(path: str) -> Optional[tuple[str, int, int]]:

@@ -98,8 +98,11 @@ class AppTask:
         """Show what runs as the task's hyperparameters, each with its description."""
         values = config.model_dump()
         if not self.running_remotely:
-            # A local run must not leave the token in the task for clones to copy.
-            values["hf_token"] = ""
+            # A local run must not leave its secrets in the task for clones to copy: the HF token is the
+            # user's own, and a clone generates a new API key unless one is set. The key in use is
+            # shown in the "API key" property, where users read it.
+            for name in cfg.secret_fields():
+                values[name] = ""
         for section, names in _sections().items():
             self.task.connect({n: values[n] for n in names}, name=section)
         write_parameters(self.task, values)
