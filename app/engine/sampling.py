@@ -10,6 +10,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
+from app.engine.schema_limits import check_grammar, check_schema
 from app.engine.types import InvalidRequestError, SamplingParams
 
 # llama.cpp's penalty window, as its server uses by default.
@@ -17,7 +18,11 @@ PENALTY_LAST_N = 64
 
 
 def grammar_for_response_format(response_format: Optional[dict[str, Any]]) -> Optional[str]:
-    """GBNF for OpenAI's response_format; None when output is free text."""
+    """GBNF for OpenAI's response_format; None when output is free text.
+
+    Synchronous and bounded: the schema is checked before conversion, so a call costs
+    milliseconds at most; callers on an event loop still run it in a worker thread.
+    """
     if not response_format:
         return None
     kind = response_format.get("type")
@@ -36,12 +41,17 @@ def grammar_for_response_format(response_format: Optional[dict[str, Any]]) -> Op
     raise InvalidRequestError(f"response_format type {kind!r} is not supported", param="response_format")
 
 
-def _schema_grammar(schema: dict[str, Any]) -> str:
+def _schema_grammar(schema: Any) -> str:
+    """GBNF for one client schema, bounded before and after conversion (see schema_limits)."""
+    check_schema(schema)
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        gbnf = json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises assorted errors on schemas it cannot express
-        raise InvalidRequestError(f"response_format schema cannot be enforced: {exc}",
+        # The converter's messages can quote the whole schema: keep the client's error short.
+        raise InvalidRequestError(f"response_format schema cannot be enforced: {str(exc)[:300]}",
                                   param="response_format") from None
+    check_grammar(gbnf)
+    return gbnf
 
 
 class SamplerChain:
