@@ -109,7 +109,7 @@ def test_ui_edits_win_and_bad_values_fail_clearly(tmp_path: Path) -> None:
     rerun = AppProcess(["--port", "0"], env={"CLEARML_CACHE_DIR": str(tmp_path), **env}).start()
     try:
         rerun.wait_ready()
-        key = json.loads(task_json.read_text())["hyperparams"]["Advanced Options"]["api_key"]["value"]
+        key = json.loads(task_json.read_text())["hyperparams"]["properties"]["API key"]["value"]
         models = httpx.get(rerun.url + "/v1/models", headers={"X-Api-Key": key}).json()
         assert [m["id"] for m in models["data"]] == ["edited-in-the-ui"]
         assert httpx.get(rerun.url + "/health").json()["slots_idle"] == 2
