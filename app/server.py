@@ -11,9 +11,13 @@ from typing import Optional
 
 import uvicorn
 
+from app.connections import ConnectionLimits, guarded_protocol
 from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+# uvicorn closes a kept-alive connection idle this long after its last response.
+KEEP_ALIVE_S = 5
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -30,10 +34,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# After a timed-out drain, how long aborted streams get to send their error event and [DONE].
+ABORT_GRACE_S = 3.0
+
+
 class AppServer(uvicorn.Server):
     """uvicorn's server, stopped by the runtime's flag (signal, idle watchdog, UI abort) with a drain.
 
-    Once a stop is requested the server keeps listening but answers new API requests with 503 (the runtime
+    Once a stop is requested the server keeps listening but answers new API requests with 503 (the lifecycle
     is `stopping`) while in-flight requests finish, for at most `drain_timeout_s`; then uvicorn shuts down.
     A second Ctrl-C forces the exit. Signals are not re-raised afterwards: the exit code is the app's.
     """
@@ -43,6 +51,7 @@ class AppServer(uvicorn.Server):
         self.runtime = runtime
         self.drain_timeout_s = drain_timeout_s
         self._drain_deadline: Optional[float] = None
+        self._abort_deadline: Optional[float] = None
 
     def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
         if self.runtime.stop_requested.is_set() and sig == signal.SIGINT:
@@ -59,12 +68,41 @@ class AppServer(uvicorn.Server):
                 self.runtime.state = "stopping"
                 log.info("stopping (%s): draining %d in-flight request(s) for up to %.0f s",
                          self.runtime.shutdown_reason, self.runtime.stats.in_flight, self.drain_timeout_s)
-            if self.runtime.stats.in_flight == 0 or now >= self._drain_deadline:
+            if self.runtime.stats.in_flight == 0:
                 return True
+            if now >= self._drain_deadline:
+                return self._end_drain(now)
         return await super().on_tick(counter)
 
+    def _end_drain(self, now: float) -> bool:
+        """The drain timed out: end what still runs with a 503 / an error event and [DONE], then exit.
 
-def serve(app: object, runtime: Runtime, sock: socket.socket, drain_timeout_s: float) -> None:
+        Cutting the connections instead would end streams with no finish reason and no [DONE],
+        indistinguishable from a network fault. The engine's abort reaches every stream within one step;
+        after ABORT_GRACE_S the server exits whatever is left.
+        """
+        if self._abort_deadline is None:
+            self._abort_deadline = now + ABORT_GRACE_S
+            log.warning("drain timed out: ending %d request(s) still running", self.runtime.stats.in_flight)
+            if self.runtime.engine is not None:
+                self.runtime.engine.abort("The server is shutting down: the request was ended before it completed.")
+        return now >= self._abort_deadline
+
+
+def serve(app: object, runtime: Runtime, sock: socket.socket, drain_timeout_s: float,
+          limits: Optional[ConnectionLimits] = None) -> None:
+    """Serve `app` on `sock` until the runtime asks to stop; blocks.
+
+    Connections go through `app.connections.GuardedHttpToolsProtocol`: a request head within HEAD_TIMEOUT_S
+    (10 s), of at most MAX_HEAD_BYTES (64 KiB) and MAX_HEADERS (100 fields); kept-alive connections closed after
+    KEEP_ALIVE_S idle; open connections capped FD_RESERVE below the descriptor limit, which is raised to the hard
+    limit here. `limits` replaces those limits (tests use a small cap) and leaves the descriptor limit alone.
+    """
+    if limits is None:
+        limits = ConnectionLimits.for_this_process()
+    log.info("connections: at most %d open; request heads within %g s, %d bytes, %d fields; keep-alive %d s",
+             limits.max_connections, limits.head_timeout_s, limits.max_head_bytes, limits.max_headers, KEEP_ALIVE_S)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", log_config=None,  # type: ignore[arg-type]
-                            timeout_graceful_shutdown=5, timeout_keep_alive=5)
+                            http=guarded_protocol(limits), timeout_graceful_shutdown=5,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     AppServer(config, runtime, drain_timeout_s).run(sockets=[sock])
