@@ -27,6 +27,7 @@ browser:
 test: install browser
 	$(BIN)/python -m ruff check app scripts tests
 	$(BIN)/python -m mypy app
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # Side-by-side benchmark (scripts/bench.py); peers that are not built are reported as skipped.

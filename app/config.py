@@ -17,6 +17,10 @@ from typing import Any, Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.engine.chat import CHAT_FORMATS
+from app.engine.settings import EngineSettings
+from app.model_source import ModelSourceError, ModelSpec, parse_spec
+
 GENERAL = "General"
 ADVANCED = "Advanced Options"
 SECTIONS = (GENERAL, ADVANCED)
@@ -128,8 +132,6 @@ class AppConfig(BaseModel):
     @field_validator("chat_format")
     @classmethod
     def _known_chat_format(cls, value: str) -> str:
-        from app.engine.chat import CHAT_FORMATS
-
         if value != "auto" and value not in CHAT_FORMATS:
             raise ValueError(f"must be 'auto' or one of {', '.join(sorted(CHAT_FORMATS))}")
         return value
@@ -154,6 +156,22 @@ class AppConfig(BaseModel):
 
     # --- views ---------------------------------------------------------------
 
+    def engine_settings(self, path: str, model_id: str, verbose: bool = False) -> EngineSettings:
+        """The engine's settings: these fields, the fetched file, the served name, threads resolved."""
+        return EngineSettings(
+            path=path, model_id=model_id, n_ctx=self.n_ctx, n_batch=self.n_batch,
+            n_threads=self.n_threads or usable_cores(), n_gpu_layers=self.n_gpu_layers, parallel=self.parallel,
+            max_queue=self.max_queue, embeddings=self.embeddings, chat_format=self.chat_format, verbose=verbose)
+
+    def model_spec(self) -> ModelSpec:
+        """The model spec, parsed (raises ModelSourceError with one line when it names nothing fetchable)."""
+        return parse_spec(self.model)
+
+    @property
+    def served_name(self) -> str:
+        """The name clients use for the model: the alias, else the file name."""
+        return self.model_alias or self.model_spec().alias
+
     def masked(self) -> dict[str, Any]:
         """The configuration with secrets hidden, for logs and exports."""
         out = self.model_dump()
@@ -162,12 +180,6 @@ class AppConfig(BaseModel):
                 out[name] = MASK
         return out
 
-    def to_sections(self) -> dict[str, dict[str, Any]]:
-        """The configuration as ClearML hyperparameter sections."""
-        sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-        for name in AppConfig.model_fields:
-            sections[_extra(name)["section"]][name] = getattr(self, name)
-        return sections
 
 
 def _extra(name: str) -> dict[str, Any]:
@@ -233,10 +245,8 @@ def check_runnable(config: AppConfig, cores: Optional[int] = None) -> None:
     Kept out of AppConfig's own validation: exports, launches and the README table
     build configurations without a model, and on machines other than the one that serves.
     """
-    from app.model_source import ModelSourceError, check_spec
-
     try:
-        check_spec(config.model)
+        parse_spec(config.model)
     except ModelSourceError as exc:
         raise ConfigError(f"invalid configuration: model: {exc}") from None
     cores = cores or usable_cores()

@@ -114,7 +114,7 @@ def report(launched: Any, what: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app import task as clearml_io
+    from app.clearml import instances as clearml_io
 
     if args.command in ("launch", "import"):
         if args.command == "launch":

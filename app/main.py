@@ -1,24 +1,30 @@
-"""python -m app: configuration, model, server, shutdown, exit code."""
+"""python -m app: configuration, then the run: task, socket, loader, telemetry, server, and the exit code.
+
+Each job lives in its own object (Lifecycle, ModelLoader, Reporter, IdleWatchdog, the server); `run` only
+wires them together, in order, and takes them apart again.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import socket
 import sys
-import threading
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from app import config as cfg
 from app.api.app import create_app
 from app.api.auth import generate_key
-from app.model_source import ModelSourceError, default_alias, fetch, inspect_gguf
-from app.task import DEFAULT_PROJECT, DEFAULT_TASK_NAME, AppTask, EndpointRegistration, offline_requested
-from app.telemetry.history import ConsoleTail
-from app.telemetry.reporter import Reporter
-from app.runtime import Runtime
+from app.api.context import ServingContext
+from app.clearml.endpoint import EndpointRegistration, model_references
+from app.clearml.session import DEFAULT_PROJECT, DEFAULT_TASK_NAME, AppTask, offline_requested, private_host
+from app.clearml.storage import ClearMLStorage
+from app.endpoint import IDLE_TIME, LAST_ACTION, STATUS, EndpointInfo, local_url
+from app.lifecycle import Lifecycle, State
+from app.loader import ModelLoader
 from app.server import bind_socket, serve
+from app.telemetry.history import ConsoleTail
+from app.telemetry.reporter import IdleWatchdog, Reporter
 
 log = logging.getLogger("app")
 
@@ -98,67 +104,10 @@ def setup_logging(level: str) -> ConsoleTail:
     return tail
 
 
-def load_in_background(config: cfg.AppConfig, runtime: Runtime, on_ready: Callable[[], None]) -> threading.Thread:
-    def work() -> None:
-        from app.engine.engine import EngineOptions, load_engine
-
-        try:
-            path = fetch(config.model, config.hf_token)
-            info = inspect_gguf(path)
-            log.info("model file: %s", info.summary())
-            engine = load_engine(EngineOptions(
-                path=path, model_id=runtime.model_id, n_ctx=config.n_ctx, n_batch=config.n_batch,
-                n_threads=config.n_threads, n_gpu_layers=config.n_gpu_layers, parallel=config.parallel,
-                max_queue=config.max_queue, embeddings=config.embeddings, chat_format=config.chat_format,
-                verbose=log.isEnabledFor(logging.DEBUG),
-            ))
-        except ModelSourceError as exc:
-            fail(runtime, str(exc))
-            return
-        except Exception as exc:  # a load failure must end the run with its cause, not hang it
-            log.debug("model load failed", exc_info=True)
-            fail(runtime, f"model load failed: {exc}")
-            return
-        runtime.engine = engine
-        if runtime.stop_requested.is_set():
-            return
-        runtime.stats.restart_idle_clock()
-        runtime.state = "ready"
-        log.info("ready: serving %s", runtime.model_id)
-        on_ready()
-
-    thread = threading.Thread(target=work, name="model-loader", daemon=True)
-    thread.start()
-    return thread
-
-
-def fail(runtime: Runtime, cause: str) -> None:
-    """Record the cause and stop; `finish` logs it once and fails the task."""
-    runtime.failure = cause
-    runtime.state = "failed"
-    runtime.request_stop("failed")
-
-
-def endpoint_properties(host: str, port: int, api_key: str, model_id: str) -> dict[str, str]:
-    """What the user needs to call the endpoint: shown on the task and in the log."""
-    shown = host
-    if host in ("0.0.0.0", "::"):
-        shown = socket.gethostbyname(socket.gethostname())
-    elif host == "127.0.0.1":
-        shown = "localhost"
-    url = f"http://{shown}:{port}"
-    base = f"{url}/v1"
-    test = (f"curl -s {base}/chat/completions -H 'Authorization: Bearer {api_key}' "
-            f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model_id}\", \"messages\": "
-            f"[{{\"role\": \"user\", \"content\": \"Write one sentence about the sea.\"}}], "
-            f"\"max_tokens\": 32, \"temperature\": 0}}'")
-    return {"App URL": url, "API base": base, "API key": api_key, "test command": test, "model": model_id}
-
-
-def announce(props: dict[str, str]) -> None:
-    log.info("API base: %s", props["API base"])
-    log.info("API key: %s", props["API key"])
-    log.info("test: %s", props["test command"])
+def announce(info: EndpointInfo) -> None:
+    log.info("API base: %s", info.api_base)
+    log.info("API key: %s", info.api_key)
+    log.info("test: %s", info.test_command)
 
 
 def configure(args: argparse.Namespace, task: Optional[AppTask]) -> cfg.AppConfig:
@@ -198,62 +147,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float, console: ConsoleTail) -> int:
     log.info("configuration: %s", config.masked())
-    api_key = config.api_key or generate_key()
-    runtime = Runtime(api_key=api_key, model_id=config.model_alias or default_alias(config.model), console=console)
+    spec = config.model_spec()  # checked by check_runnable: parses
+    model_id = config.served_name
+    lifecycle = Lifecycle()
+    context = ServingContext(lifecycle, config.api_key or generate_key(), model_id, console=console)
     if task is not None:
         task.connect_config(config)
         # A clone inherits its source's properties: start from a clean slate.
-        task.set_properties(**{"status": "loading", "App URL": "", "API base": "", "API key": "",
-                               "test command": "", "idle time (s)": "0", "last action": "",
-                               "model": runtime.model_id})
-        task.register_abort(lambda: runtime.request_stop("aborted from the ClearML UI"))
-    log.info("status: loading")
+        task.set_properties(**{STATUS: State.LOADING.value, **EndpointInfo(model=model_id).properties(),
+                               IDLE_TIME: "0", LAST_ACTION: ""})
+        lifecycle.subscribe(lambda state: task.set_properties(**{STATUS: state.shown}))
+        task.register_abort(lambda: lifecycle.request_stop("aborted from the ClearML UI"))
+    log.info("status: %s", State.LOADING.value)
     try:
         sock = bind_socket(config.host, config.port)
     except OSError as exc:
-        return finish(task, runtime, f"{exc}")
+        lifecycle.fail(str(exc))
+        return finish(task, lifecycle)
     port = sock.getsockname()[1]
     log.info("listening on %s:%d", config.host, port)
-    props = endpoint_properties(config.host, port, api_key, runtime.model_id)
-    runtime.properties.update(props)
-    announce(props)
+    context.endpoint = EndpointInfo.for_url(local_url(config.host, port, private_host()), context.api_key, model_id)
+    announce(context.endpoint)
     registration: Optional[EndpointRegistration] = None
     if task is not None:
-        task.set_properties(**props)
-        registration = EndpointRegistration(task, runtime.model_id, props["API base"], runtime.model_id,
-                                            config.model, config.last_action_report_interval_sec)
-    reporter = Reporter(runtime, task, config.last_action_report_interval_sec,
-                        config.idle_time_limit_hours * 3600.0, endpoint=registration)
-
-    def on_ready() -> None:
-        reporter.set_status("idle")
-        if registration is not None:
-            registration.register()
-
-    loader = load_in_background(config, runtime, on_ready=on_ready)
+        task.set_properties(**context.endpoint.properties())
+        registration = EndpointRegistration(task, model_id, context.endpoint.api_base, model_id, config.model,
+                                            config.last_action_report_interval_sec,
+                                            model_references(spec.kind, spec.value))
+        registration.register()  # while loading: the row shows the instance before it serves
+    watchdog = IdleWatchdog(context.stats, lifecycle, config.idle_time_limit_hours * 3600.0, lifecycle.request_stop)
+    reporter = Reporter(context.stats, context.hardware, context.history, lifecycle, lifecycle.note_activity, task,
+                        config.last_action_report_interval_sec, endpoint=registration)
+    loader = ModelLoader(config, spec, model_id, lifecycle, ClearMLStorage() if task is not None else None,
+                         on_loaded=context.stats.restart_idle_clock)
+    loader.start()
     reporter.start()
-    app = create_app(runtime)
+    watchdog.start()
     try:
-        serve(app, runtime, sock, drain_timeout_s)
+        serve(create_app(context), lifecycle, context.stats, sock, drain_timeout_s)
     finally:
-        runtime.state = "stopping"
+        watchdog.stop()
         reporter.stop()
         if registration is not None:
             registration.unregister()
         loader.join(timeout=60)
-        if runtime.engine is not None:
-            runtime.engine.close()
-    return finish(task, runtime, runtime.failure)
+        if lifecycle.engine is not None:
+            lifecycle.engine.close()
+    return finish(task, lifecycle)
 
 
-def finish(task: Optional[AppTask], runtime: Runtime, failure: Optional[str]) -> int:
+def finish(task: Optional[AppTask], lifecycle: Lifecycle) -> int:
     """Report the end of the story and pick the exit code."""
-    if failure:
-        report_failure(task, failure)
+    if lifecycle.finish() is State.FAILED:
+        report_failure(task, lifecycle.failure or "failed")
         return EXIT_FAILED
-    log.info("status: stopped (%s)", runtime.shutdown_reason or "server stopped")
     if task is not None:
-        task.set_properties(status="stopped")
         task.close()
     return EXIT_OK
 
@@ -262,6 +210,6 @@ def report_failure(task: Optional[AppTask], cause: str) -> None:
     """One error line with the cause, and the task marked failed."""
     log.error("failed: %s", cause)
     if task is not None:
-        task.set_properties(status="failed")
+        task.set_properties(**{STATUS: State.FAILED.value})
         task.mark_failed(cause)
         task.close()

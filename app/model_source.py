@@ -16,7 +16,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol, Union
 
 from app.gguf_header import HeaderError, read_header
 
@@ -49,6 +49,44 @@ class ModelInfo:
                 f"{self.size_bytes / 2**20:.0f} MiB")
 
 
+class RemoteStore(Protocol):
+    """Where ClearML model IDs and remote URLs are fetched from (app.clearml.storage in the app; a double in tests)."""
+
+    def model_copy(self, model_id: str) -> Optional[str]: ...
+    def url_copy(self, url: str) -> Optional[str]: ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model spec parsed once: its kind (demo, local, url, clearml, huggingface) and the text as given."""
+
+    kind: str
+    value: str
+
+    @property
+    def alias(self) -> str:
+        """The name the model is served under by default: the file name (the ID for a ClearML model)."""
+        if self.kind == "demo":
+            return "gemma-3-270m-q4_k_m.gguf"
+        if self.kind == "clearml":
+            return self.value
+        s = self.value.rstrip("/")
+        return s.split("/")[-1] or s
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """The spec's kind, or ModelSourceError (one line) when it names nothing this app can fetch."""
+    spec = spec.strip()
+    if not spec:
+        raise ModelSourceError("no model given: set General/model (or --model)")
+    kind = kind_of(spec)
+    if kind == "unknown":
+        raise ModelSourceError(
+            f"cannot tell what model {spec!r} is: give 'demo', a ClearML model ID, owner/repo/path/to/model.gguf, "
+            "a path or a URL")
+    return ModelSpec(kind, spec)
+
+
 def kind_of(spec: str) -> str:
     """Which source a spec names: demo, local, url, clearml or huggingface."""
     s = spec.strip()
@@ -65,15 +103,6 @@ def kind_of(spec: str) -> str:
     if s.count("/") >= 2 and s.lower().endswith(".gguf"):
         return "huggingface"
     return "unknown"
-
-
-def default_alias(spec: str) -> str:
-    s = spec.strip().rstrip("/")
-    if kind_of(s) == "demo":
-        return "gemma-3-270m-q4_k_m.gguf"
-    if kind_of(s) == "clearml":
-        return s
-    return s.split("/")[-1] or s
 
 
 def demo_model_path() -> str:
@@ -195,7 +224,7 @@ def _logged_progress() -> type:
     """A tqdm class for huggingface_hub that logs every 10% instead of drawing a bar (the console is our log)."""
     from tqdm.auto import tqdm
 
-    class LoggedProgress(tqdm):  # type: ignore[misc]
+    class LoggedProgress(tqdm):
         def __init__(self, *args: object, **kwargs: object) -> None:
             kwargs["disable"] = True  # tqdm draws nothing; update() below counts and logs
             super().__init__(*args, **kwargs)
@@ -275,39 +304,25 @@ def _final_when_offline(download: Callable[[], str], repo_id: str, name: str) ->
     return attempt
 
 
-def check_spec(spec: str) -> str:
-    """The kind of a model spec, or ModelSourceError (one line) when it names nothing this app can fetch."""
-    spec = spec.strip()
-    if not spec:
-        raise ModelSourceError("no model given: set General/model (or --model)")
-    kind = kind_of(spec)
-    if kind == "unknown":
-        raise ModelSourceError(
-            f"cannot tell what model {spec!r} is: give 'demo', a ClearML model ID, owner/repo/path/to/model.gguf, "
-            "a path or a URL")
-    return kind
-
-
-def fetch(spec: str, hf_token: str = "") -> str:
-    """The local path of the configured model, downloading it when needed."""
-    from app import task as clearml_io
-
-    spec = spec.strip()
-    kind = check_spec(spec)
-    if kind == "demo":
+def fetch(spec: Union[ModelSpec, str], hf_token: str = "", store: Optional[RemoteStore] = None) -> str:
+    """The local path of the model, downloading it when needed (ClearML IDs and URLs through `store`)."""
+    if isinstance(spec, str):
+        spec = parse_spec(spec)
+    if spec.kind == "demo":
         return demo_model_path()
-    if kind == "local":
-        return resolve_local(spec)
-    if kind == "huggingface":
-        return huggingface_copy(spec, hf_token)
-    if kind == "clearml":
-        log.info("fetching ClearML model %s", spec)
-        return _with_retries(f"download of ClearML model {spec}", lambda: clearml_io.clearml_model_copy(spec),
+    if spec.kind == "local":
+        return resolve_local(spec.value)
+    if spec.kind == "huggingface":
+        return huggingface_copy(spec.value, hf_token)
+    if store is None:
+        raise ModelSourceError(f"{spec.value} needs ClearML to fetch it, and ClearML is not available")
+    remote = store
+    if spec.kind == "clearml":
+        log.info("fetching ClearML model %s", spec.value)
+        return _with_retries(f"download of ClearML model {spec.value}", lambda: remote.model_copy(spec.value),
                              _plain_final)
-    if kind == "url":
-        log.info("fetching %s", spec)
-        return _with_retries(f"download of {spec}", lambda: clearml_io.storage_copy(spec), _plain_final)
-    raise ModelSourceError(f"no source for model kind {kind!r}")  # not reached: check_spec knows every kind
+    log.info("fetching %s", spec.value)
+    return _with_retries(f"download of {spec.value}", lambda: remote.url_copy(spec.value), _plain_final)
 
 
 def split_parts(path: str) -> Optional[tuple[str, int, int]]:

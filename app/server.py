@@ -12,7 +12,8 @@ from typing import Optional
 import uvicorn
 
 from app.connections import ConnectionLimits, guarded_protocol
-from app.runtime import Runtime
+from app.lifecycle import Lifecycle
+from app.telemetry.stats import RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -39,36 +40,38 @@ ABORT_GRACE_S = 3.0
 
 
 class AppServer(uvicorn.Server):
-    """uvicorn's server, stopped by the runtime's flag (signal, idle watchdog, UI abort) with a drain.
+    """uvicorn's server, stopped by the lifecycle's flag (signal, idle watchdog, UI abort) with a drain.
 
     Once a stop is requested the server keeps listening but answers new API requests with 503 (the lifecycle
     is `stopping`) while in-flight requests finish, for at most `drain_timeout_s`; then uvicorn shuts down.
     A second Ctrl-C forces the exit. Signals are not re-raised afterwards: the exit code is the app's.
     """
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, stats: RequestStats,
+                 drain_timeout_s: float) -> None:
         super().__init__(config)
-        self.runtime = runtime
+        self.lifecycle = lifecycle
+        self.stats = stats
         self.drain_timeout_s = drain_timeout_s
         self._drain_deadline: Optional[float] = None
         self._abort_deadline: Optional[float] = None
 
     def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
-        if self.runtime.stop_requested.is_set() and sig == signal.SIGINT:
+        if self.lifecycle.stop_requested.is_set() and sig == signal.SIGINT:
             self.force_exit = True
             self.should_exit = True
             return
-        self.runtime.request_stop(f"signal {signal.Signals(sig).name}")
+        self.lifecycle.request_stop(f"signal {signal.Signals(sig).name}")
 
     async def on_tick(self, counter: int) -> bool:
-        if self.runtime.stop_requested.is_set():
+        if self.lifecycle.stop_requested.is_set():
             now = time.monotonic()
             if self._drain_deadline is None:
                 self._drain_deadline = now + self.drain_timeout_s
-                self.runtime.state = "stopping"
+                self.lifecycle.begin_stopping()
                 log.info("stopping (%s): draining %d in-flight request(s) for up to %.0f s",
-                         self.runtime.shutdown_reason, self.runtime.stats.in_flight, self.drain_timeout_s)
-            if self.runtime.stats.in_flight == 0:
+                         self.lifecycle.shutdown_reason, self.stats.in_flight, self.drain_timeout_s)
+            if self.stats.in_flight == 0:
                 return True
             if now >= self._drain_deadline:
                 return self._end_drain(now)
@@ -83,15 +86,15 @@ class AppServer(uvicorn.Server):
         """
         if self._abort_deadline is None:
             self._abort_deadline = now + ABORT_GRACE_S
-            log.warning("drain timed out: ending %d request(s) still running", self.runtime.stats.in_flight)
-            if self.runtime.engine is not None:
-                self.runtime.engine.abort("The server is shutting down: the request was ended before it completed.")
+            log.warning("drain timed out: ending %d request(s) still running", self.stats.in_flight)
+            if self.lifecycle.engine is not None:
+                self.lifecycle.engine.abort("The server is shutting down: the request was ended before it completed.")
         return now >= self._abort_deadline
 
 
-def serve(app: object, runtime: Runtime, sock: socket.socket, drain_timeout_s: float,
+def serve(app: object, lifecycle: Lifecycle, stats: RequestStats, sock: socket.socket, drain_timeout_s: float,
           limits: Optional[ConnectionLimits] = None) -> None:
-    """Serve `app` on `sock` until the runtime asks to stop; blocks.
+    """Serve `app` on `sock` until the lifecycle asks to stop; blocks.
 
     Connections go through `app.connections.GuardedHttpToolsProtocol`: a request head within HEAD_TIMEOUT_S
     (10 s), of at most MAX_HEAD_BYTES (64 KiB) and MAX_HEADERS (100 fields); kept-alive connections closed after
@@ -105,4 +108,4 @@ def serve(app: object, runtime: Runtime, sock: socket.socket, drain_timeout_s: f
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", log_config=None,  # type: ignore[arg-type]
                             http=guarded_protocol(limits), timeout_graceful_shutdown=5,
                             timeout_keep_alive=KEEP_ALIVE_S)
-    AppServer(config, runtime, drain_timeout_s).run(sockets=[sock])
+    AppServer(config, lifecycle, stats, drain_timeout_s).run(sockets=[sock])

@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from app.api.app import create_app
-from app.runtime import Runtime
+from app.api.context import ServingContext
 from tests.fake_engine import FakeEngine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,10 +45,10 @@ def free_port() -> int:
 class ThreadedServer:
     """A real uvicorn server on a free port, in a thread, around create_app."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, context: ServingContext) -> None:
+        self.context = context
         self.port = free_port()
-        config = uvicorn.Config(create_app(runtime), host="127.0.0.1", port=self.port, log_level="warning",
+        config = uvicorn.Config(create_app(context), host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -78,8 +78,7 @@ def fake_engine() -> FakeEngine:
 
 @pytest.fixture
 def fake_server(fake_engine: FakeEngine) -> Iterator[ThreadedServer]:
-    runtime = Runtime(api_key=API_KEY, model_id=fake_engine.model_id, engine=fake_engine, state="ready")
-    with ThreadedServer(runtime) as server:
+    with ThreadedServer(ServingContext.serving(fake_engine, API_KEY)) as server:
         yield server
 
 

@@ -25,9 +25,10 @@ def test_health_is_open_and_reports_slots(fake_server: ThreadedServer) -> None:
 
 
 def test_health_is_503_while_loading() -> None:
-    from app.runtime import Runtime
+    from app.api.context import ServingContext
+    from app.lifecycle import Lifecycle
 
-    with ThreadedServer(Runtime(api_key=API_KEY, model_id="m")) as server:
+    with ThreadedServer(ServingContext(Lifecycle(), API_KEY, "m")) as server:
         r = httpx.get(server.url + "/health")
         assert r.status_code == 503
         assert r.json()["status"] == "loading"
@@ -191,12 +192,11 @@ def test_unknown_route_is_openai_shaped_404(fake_server: ThreadedServer) -> None
 
 
 def test_queue_full_is_429_with_retry_after(fake_engine: FakeEngine) -> None:
-    from app.runtime import Runtime
+    from app.api.context import ServingContext
 
     fake_engine.token_delay = 0.05
     fake_engine.default_reply = "x" * 40
-    runtime = Runtime(api_key=API_KEY, model_id="m", engine=fake_engine, state="ready")
-    with ThreadedServer(runtime) as server:
+    with ThreadedServer(ServingContext.serving(fake_engine, API_KEY)) as server:
         async def run() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, headers={"X-Api-Key": API_KEY}, timeout=30) as c:
                 return list(await asyncio.gather(*[
@@ -210,12 +210,11 @@ def test_queue_full_is_429_with_retry_after(fake_engine: FakeEngine) -> None:
 
 
 def test_stream_disconnect_cancels_generation(fake_engine: FakeEngine) -> None:
-    from app.runtime import Runtime
+    from app.api.context import ServingContext
 
     fake_engine.token_delay = 0.02
     fake_engine.default_reply = "y" * 200
-    runtime = Runtime(api_key=API_KEY, model_id="m", engine=fake_engine, state="ready")
-    with ThreadedServer(runtime) as server:
+    with ThreadedServer(ServingContext.serving(fake_engine, API_KEY)) as server:
         with httpx.stream("POST", server.url + "/v1/completions", headers={"X-Api-Key": API_KEY},
                           json={"prompt": "p", "max_tokens": 200, "stream": True}) as r:
             for i, _ in enumerate(r.iter_lines()):
@@ -230,13 +229,12 @@ def test_stream_disconnect_cancels_generation(fake_engine: FakeEngine) -> None:
 
 
 def test_non_stream_disconnect_cancels_generation(fake_engine: FakeEngine) -> None:
-    from app.runtime import Runtime
+    from app.api.context import ServingContext
     import time
 
     fake_engine.token_delay = 0.02
     fake_engine.default_reply = "z" * 200
-    runtime = Runtime(api_key=API_KEY, model_id="m", engine=fake_engine, state="ready")
-    with ThreadedServer(runtime) as server:
+    with ThreadedServer(ServingContext.serving(fake_engine, API_KEY)) as server:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/completions", headers={"X-Api-Key": API_KEY},
                        json={"prompt": "p", "max_tokens": 200}, timeout=0.3)

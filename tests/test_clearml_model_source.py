@@ -7,6 +7,7 @@ from typing import Iterator
 
 import pytest
 
+from app.clearml.storage import ClearMLStorage
 from app.model_source import ModelSourceError, fetch, inspect_gguf
 from tests.clearml_double import ClearMLDouble, RunningDouble
 from tests.test_units import write_tiny_gguf
@@ -27,12 +28,12 @@ def double(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningD
 
 
 def test_model_id_downloads_the_file_once(double: RunningDouble) -> None:
-    path = fetch(MODEL_ID)
+    path = fetch(MODEL_ID, store=ClearMLStorage())
     assert inspect_gguf(path).architecture == "llama"
     assert Path(path).name.endswith("tiny-model.gguf")  # in ClearML's cache, under a hashed prefix
     downloads = double.double.endpoints().count("files.download")
     assert downloads >= 1
-    again = fetch(MODEL_ID)
+    again = fetch(MODEL_ID, store=ClearMLStorage())
     assert again == path
     endpoints = double.double.endpoints()
     assert "models.get_by_id" in endpoints
@@ -43,16 +44,16 @@ def test_model_id_downloads_the_file_once(double: RunningDouble) -> None:
 
 def test_unknown_model_id_fails_with_one_line(double: RunningDouble) -> None:
     with pytest.raises(ModelSourceError) as err:
-        fetch("ffffffffffffffffffffffffffffffff")
+        fetch("ffffffffffffffffffffffffffffffff", store=ClearMLStorage())
     assert "\n" not in str(err.value)
     assert "ffffffffffffffffffffffffffffffff" in str(err.value)
 
 
 def test_http_url_through_the_storage_manager(double: RunningDouble) -> None:
     url = f"{double.url}/files/tiny-model.gguf"
-    path = fetch(url)
+    path = fetch(url, store=ClearMLStorage())
     assert inspect_gguf(path).architecture == "llama"
-    assert fetch(url) == path
+    assert fetch(url, store=ClearMLStorage()) == path
     with pytest.raises(ModelSourceError) as err:
-        fetch(f"{double.url}/files/absent.gguf")
+        fetch(f"{double.url}/files/absent.gguf", store=ClearMLStorage())
     assert "\n" not in str(err.value)

@@ -1,7 +1,7 @@
 """Connection hygiene through app.server.serve: idle and slowloris sockets, huge heads, the connection cap.
 
 The server runs as main() runs it (serve, AppServer, the guarded protocol) in a thread around the fake
-engine; uvicorn installs no signal handlers off the main thread, so the runtime's stop flag ends it.
+engine; uvicorn installs no signal handlers off the main thread, so the lifecycle's stop flag ends it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from app.api.app import create_app
 from app.connections import FD_RESERVE, HEAD_TIMEOUT_S, MAX_HEAD_BYTES, ConnectionLimits, connection_cap, \
     raise_fd_limit
-from app.runtime import Runtime
+from app.api.context import ServingContext
 from app.server import KEEP_ALIVE_S, bind_socket, serve
 from tests.conftest import API_KEY
 from tests.fake_engine import FakeEngine
@@ -33,14 +33,15 @@ LATE_HEAD_S = 2.0  # within the keep-alive timeout, past the fresh connections' 
 
 
 class ServedApp:
-    """`app.server.serve` in a thread on a free port, around a fake engine; stopped by the runtime's flag."""
+    """`app.server.serve` in a thread on a free port, around a fake engine; stopped by the lifecycle's flag."""
 
     def __init__(self, limits: Optional[ConnectionLimits] = None) -> None:
         engine = FakeEngine()
-        self.runtime = Runtime(api_key=API_KEY, model_id=engine.model_id, engine=engine, state="ready")
+        self.context = ServingContext.serving(engine, API_KEY)
         sock = bind_socket("127.0.0.1", 0)
         self.port = int(sock.getsockname()[1])
-        self.thread = threading.Thread(target=serve, args=(create_app(self.runtime), self.runtime, sock, 1.0),
+        self.thread = threading.Thread(target=serve, args=(create_app(self.context), self.context.lifecycle,
+                                                        self.context.stats, sock, 1.0),
                                        kwargs={"limits": limits}, daemon=True)
 
     @property
@@ -62,7 +63,7 @@ class ServedApp:
         raise RuntimeError("the server did not start")
 
     def __exit__(self, *exc: Any) -> None:
-        self.runtime.request_stop("test over")
+        self.context.lifecycle.request_stop("test over")
         self.thread.join(15)
         assert not self.thread.is_alive()
 

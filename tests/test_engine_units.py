@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from app.engine.chat import CHAT_FORMATS, select_template
-from app.engine.engine import EngineOptions, LlamaEngine
+from app.config import AppConfig
+from app.engine.engine import LlamaEngine
 from app.engine.sampling import SamplerChain, logits_at
 from app.engine.scheduler import MIN_SHARED_PREFIX
 from app.engine.types import ContextLengthError, Delta, Finish, GenerationRequest, RequestHandle, SamplingParams
@@ -25,8 +26,8 @@ STORY = "The history of the city is long and full of surprising turns. "
 
 @pytest.fixture(scope="module")
 def engine(demo_model: str) -> Iterator[LlamaEngine]:
-    eng = LlamaEngine(EngineOptions(path=demo_model, model_id="demo", n_ctx=2048, n_batch=N_BATCH, parallel=4,
-                                    max_queue=4))
+    config = AppConfig(n_ctx=2048, n_batch=N_BATCH, parallel=4, max_queue=4)
+    eng = LlamaEngine(config.engine_settings(demo_model, "demo"))
     yield eng
     eng.close()
 

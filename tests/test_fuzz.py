@@ -12,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from app.api.app import create_app
-from app.runtime import Runtime
+from app.api.context import ServingContext
 from tests.conftest import API_KEY, AppProcess
 from tests.fake_engine import FakeEngine
 
@@ -21,7 +21,7 @@ MAX_EXAMPLES = 25
 
 def fuzz_app():  # type: ignore[no-untyped-def]
     engine = FakeEngine(n_ctx_seq=4096, parallel=4, max_queue=64)
-    return create_app(Runtime(api_key=API_KEY, model_id=engine.model_id, engine=engine, state="ready"))
+    return create_app(ServingContext.serving(engine, API_KEY))
 
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app(), headers={"X-Api-Key": API_KEY})

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from app.runtime import Runtime
 from tests.conftest import API_KEY, AppProcess, ThreadedServer
 from tests.fake_engine import FakeEngine
 
@@ -119,8 +118,7 @@ def test_random_paths_do_not_grow_the_metrics(fake_server: ThreadedServer) -> No
               if line.startswith("llamacpp_requests_total{")}
     assert len(labels) <= 4, labels  # other/401, other/404, /metrics/200 ...
     assert all("scan" not in label for label in labels)
-    runtime: Runtime = fake_server.runtime
-    assert len(runtime.stats.snapshot().by_endpoint) <= 4
+    assert len(fake_server.context.stats.snapshot().by_endpoint) <= 4
 
 
 # --- 4: only authenticated use is activity --------------------------------------------------------------------------

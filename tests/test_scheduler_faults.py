@@ -12,14 +12,15 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from app.engine.engine import EngineOptions, LlamaEngine
+from app.config import AppConfig
+from app.engine.engine import LlamaEngine
 from app.engine.types import Delta, EngineError, Finish, GenerationRequest, InvalidRequestError, SamplingParams
 
 
 @pytest.fixture(scope="module")
 def engine(demo_model: str) -> Iterator[LlamaEngine]:
-    eng = LlamaEngine(EngineOptions(path=demo_model, model_id="demo", n_ctx=1024, n_batch=64, parallel=2,
-                                    max_queue=4))
+    config = AppConfig(n_ctx=1024, n_batch=64, parallel=2, max_queue=4)
+    eng = LlamaEngine(config.engine_settings(demo_model, "demo"))
     yield eng
     eng.close()
 

@@ -92,9 +92,12 @@ def test_defaults_stay_valid_without_a_model() -> None:
 
 LIMIT_PROBE = """
 import sys
-from app.engine.model import LlamaModel, ModelOptions
+from app.engine.model import LlamaModel
+from app.engine.settings import EngineSettings
 n_ctx, n_batch, parallel = map(int, sys.argv[2:5])
-LlamaModel(ModelOptions(path=sys.argv[1], n_ctx=n_ctx, n_batch=n_batch, parallel=parallel)).close()
+LlamaModel(EngineSettings(path=sys.argv[1], model_id="probe", n_ctx=n_ctx, n_batch=n_batch, n_threads=2,
+                          n_gpu_layers=0, parallel=parallel, max_queue=0, embeddings=False,
+                          chat_format="auto")).close()
 print("LOADED")
 """
 

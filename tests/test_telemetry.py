@@ -12,8 +12,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.runtime import Runtime
-from app.task import AppTask
+from app.api.context import ServingContext
+from app.clearml.session import AppTask
 from app.telemetry.hardware import HardwareSampler, scalar_series
 from app.telemetry.reporter import Reporter
 from tests.conftest import API_KEY, ThreadedServer
@@ -57,7 +57,7 @@ def test_metrics_counters_match_the_requests_sent(fake_server: ThreadedServer, f
 
 def test_metrics_needs_the_key_and_scrapes_are_not_activity(fake_server: ThreadedServer) -> None:
     assert httpx.get(fake_server.url + "/metrics").status_code == 401
-    stats = fake_server.runtime.stats
+    stats = fake_server.context.stats
     before = stats.idle_seconds()
     time.sleep(0.3)
     scrape(fake_server.url)
@@ -108,10 +108,12 @@ class FlakyTask:
 def test_reporter_keeps_serving_and_trying_while_clearml_fails(fake_engine: FakeEngine,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    runtime = Runtime(api_key=API_KEY, model_id="m", engine=fake_engine, state="ready")
+    context = ServingContext.serving(fake_engine, API_KEY)
     task = FlakyTask()
-    reporter = Reporter(runtime, AppTask(task, offline=True, retry_base_s=0.05), interval_s=0.05, idle_limit_s=0)
-    with ThreadedServer(runtime) as server:
+    reporter = Reporter(context.stats, context.hardware, context.history, context.lifecycle,
+                        context.lifecycle.note_activity, AppTask(task, offline=True, retry_base_s=0.05),
+                        interval_s=0.05)
+    with ThreadedServer(context) as server:
         reporter.start()
         try:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
@@ -133,7 +135,7 @@ def test_reporter_keeps_serving_and_trying_while_clearml_fails(fake_engine: Fake
 
 
 def test_an_outage_is_retried_with_exponential_backoff(caplog: pytest.LogCaptureFixture) -> None:
-    import app.task as task_module
+    import app.clearml.session as task_module
 
     clock = [1000.0]
     task = FlakyTask()

@@ -14,8 +14,9 @@ from app.api.dashboard import dashboard_router
 from app.api.errors import APIError, install_error_handlers, send_error
 from app.api.record import record_of
 from app.api.routes import api_router, extras_router, health_router
-from app.runtime import Runtime
-from app.telemetry.prometheus import LiveCollector
+from app.api.context import ServingContext
+from app.telemetry.gauges import LiveCollector
+from app.telemetry.stats import RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,15 @@ class StatsMiddleware:
     never keeps an idle instance alive.
     """
 
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+    def __init__(self, app: ASGIApp, stats: RequestStats) -> None:
         self.app = app
-        self.runtime = runtime
+        self.stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNCOUNTED_PATHS:
             await self.app(scope, receive, send)
             return
-        stats = self.runtime.stats
+        stats = self.stats
         record = record_of(scope)
         status = {"code": 500}
         started = stats.begin()
@@ -90,8 +91,8 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-def create_app(runtime: Runtime) -> FastAPI:
-    """The whole HTTP surface, bound to one Runtime."""
+def create_app(context: ServingContext) -> FastAPI:
+    """The whole HTTP surface, bound to one ServingContext."""
     # FastAPI's own /openapi.json, /docs and /redoc would answer without the key (and the docs pages load
     # from a CDN): the schema is served behind the key by extras_router instead.
     app = FastAPI(title="llama.cpp Model Deployment for ClearML", version="0.1.0",
@@ -99,9 +100,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                   openapi_url=None, docs_url=None, redoc_url=None,
                   # No trailing-slash redirects: their Location would be built from the client's Host header.
                   redirect_slashes=False)
-    app.state.runtime = runtime
+    app.state.context = context
     app.state.started = time.time()
-    runtime.stats.metrics.registry.register(LiveCollector(runtime))
+    context.stats.metrics.registry.register(LiveCollector(context.stats, context.hardware, context.lifecycle))
     install_error_handlers(app)
     app.include_router(health_router())
     app.include_router(api_router())
@@ -109,6 +110,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(dashboard_router())
     # Added innermost first: stats see everything, then the key is checked, then the body is read.
     app.add_middleware(BodyLimitMiddleware)
-    app.add_middleware(AuthMiddleware, auth=APIKeyAuth(runtime.api_key))
-    app.add_middleware(StatsMiddleware, runtime=runtime)
+    app.add_middleware(AuthMiddleware, auth=APIKeyAuth(context.api_key))
+    app.add_middleware(StatsMiddleware, stats=context.stats)
     return app

@@ -12,7 +12,7 @@ from importlib import resources
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from app.runtime import Runtime
+from app.api.context import ServingContext
 
 
 def page() -> str:
@@ -30,24 +30,23 @@ def dashboard_router() -> APIRouter:
 
     @router.get("/dashboard/status")
     async def status(request: Request) -> JSONResponse:
-        runtime: Runtime = request.app.state.runtime
-        return JSONResponse({"status": runtime.display_status()}, headers={"Cache-Control": "no-store"})
+        context: ServingContext = request.app.state.context
+        return JSONResponse({"status": context.lifecycle.state.shown}, headers={"Cache-Control": "no-store"})
 
     @router.get("/dashboard/data")
     async def data(request: Request) -> JSONResponse:
-        runtime: Runtime = request.app.state.runtime
-        props = runtime.properties
+        context: ServingContext = request.app.state.context
         body = {
-            "status": runtime.display_status(),
-            "idle_s": runtime.stats.idle_seconds(),
-            "model": runtime.model_id,
-            "app_url": props.get("App URL", ""),
-            "api_base": props.get("API base", ""),
-            "api_key": runtime.api_key,
-            "test_command": props.get("test command", ""),
+            "status": context.lifecycle.state.shown,
+            "idle_s": context.stats.idle_seconds(),
+            "model": context.model_id,
+            "app_url": context.endpoint.app_url,
+            "api_base": context.endpoint.api_base,
+            "api_key": context.api_key,
+            "test_command": context.endpoint.test_command,
             "now": time.time(),
-            "history": runtime.history.points(),
-            "log": runtime.console.tail(),
+            "history": context.history.points(),
+            "log": context.console.tail(),
         }
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 

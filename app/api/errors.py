@@ -59,7 +59,7 @@ def engine_status(exc: EngineError) -> tuple[int, str]:
     """(HTTP status, OpenAI error type) for an engine failure."""
     for cls in type(exc).__mro__:
         if cls in _ENGINE_STATUS:
-            return _ENGINE_STATUS[cls]  # type: ignore[index]
+            return _ENGINE_STATUS[cls]
     return 500, "server_error"
 
 

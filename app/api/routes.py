@@ -26,41 +26,45 @@ from app.api.protocol import (
     TokenizeRequest,
 )
 from app.engine.types import EngineProtocol
-from app.runtime import Runtime
+from app.api.context import ServingContext
+from app.lifecycle import State
 from app.telemetry.prometheus import render
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def runtime_of(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
+def context_of(request: Request) -> ServingContext:
+    context: ServingContext = request.app.state.context
+    return context
 
 
 def engine_of(request: Request) -> EngineProtocol:
-    runtime = runtime_of(request)
-    if runtime.state == "stopping":
+    lifecycle = context_of(request).lifecycle
+    if lifecycle.stopping:
         raise APIError(503, "The server is shutting down.", code="shutting_down")
-    if not runtime.ready or runtime.engine is None:
+    if not lifecycle.serving or lifecycle.engine is None:
         raise APIError(503, "The model is still loading; retry shortly (GET /health reports readiness).",
                        code="model_not_ready", headers={"Retry-After": "2"})
-    return runtime.engine
+    return lifecycle.engine
 
 
 def health_router() -> APIRouter:
     router = APIRouter()
 
-    @router.api_route("/health", methods=["GET", "HEAD"], include_in_schema=True)
+    @router.head("/health", include_in_schema=False)  # probes use HEAD
+    @router.get("/health")
     async def health(request: Request) -> JSONResponse:
-        runtime = runtime_of(request)
-        if runtime.ready and runtime.engine is not None:
-            busy = runtime.engine.active
-            return JSONResponse({"status": "ok", "slots_idle": runtime.engine.parallel - busy,
-                                 "slots_processing": busy, "queue_depth": runtime.engine.queue_depth})
-        if runtime.state == "failed":
-            body = error_body(f"Model failed to load: {runtime.failure}", "server_error", None, "model_load_failed")
+        lifecycle = context_of(request).lifecycle
+        engine = lifecycle.engine
+        if lifecycle.serving and engine is not None:
+            busy = engine.active
+            return JSONResponse({"status": "ok", "slots_idle": engine.parallel - busy,
+                                 "slots_processing": busy, "queue_depth": engine.queue_depth})
+        if lifecycle.state is State.FAILED:
+            body = error_body(f"Model failed to load: {lifecycle.failure}", "server_error", None,
+                              "model_load_failed")
             return JSONResponse({"status": "failed", **body}, status_code=503)
-        if runtime.state == "stopping":
+        if lifecycle.state in (State.STOPPING, State.STOPPED):
             return JSONResponse({"status": "stopping", **error_body("Shutting down", "service_unavailable")},
                                 status_code=503)
         return JSONResponse({"status": "loading", **error_body("Loading model", "service_unavailable", None,
@@ -75,16 +79,15 @@ def api_router() -> APIRouter:
 
     @router.get("/v1/models")
     async def list_models(request: Request) -> ModelList:
-        runtime = runtime_of(request)
-        return ModelList(data=[model_card(runtime)])
+        return ModelList(data=[model_card(context_of(request))])
 
     @router.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> ModelCard:
-        runtime = runtime_of(request)
-        if model_id != runtime.model_id:
-            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{runtime.model_id}'.",
+        served = context_of(request).model_id
+        if model_id != served:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{served}'.",
                            code="model_not_found", param="model")
-        return model_card(runtime)
+        return model_card(context_of(request))
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -147,7 +150,7 @@ def extras_router() -> APIRouter:
 
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
-        registry = runtime_of(request).stats.metrics.registry
+        registry = context_of(request).stats.metrics.registry
         body = await asyncio.to_thread(render, registry)  # reads the hardware sampler: not on the event loop
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -187,8 +190,8 @@ def include_usage(body: SamplingFields) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def model_card(runtime: Runtime) -> ModelCard:
-    return ModelCard(id=runtime.model_id)
+def model_card(context: ServingContext) -> ModelCard:
+    return ModelCard(id=context.model_id)
 
 
 def record_usage(request: Request, choice_set: ChoiceSet) -> None:

@@ -7,15 +7,15 @@ import ctypes
 import functools
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import llama_cpp
 
 from app.engine.chat import ChatTemplate, flatten_content, select_template
-from app.engine.model import LlamaModel, ModelOptions
+from app.engine.model import LlamaModel
 from app.engine.scheduler import Scheduler
 from app.engine.sampling import SamplerChain
+from app.engine.settings import EngineSettings
 from app.engine.types import (
     ChatPrompt,
     ContextLengthError,
@@ -30,30 +30,12 @@ from app.engine.types import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EngineOptions:
-    path: str
-    model_id: str
-    n_ctx: int = 8192
-    n_batch: int = 512
-    n_threads: int = 0
-    n_gpu_layers: int = 0
-    parallel: int = 4
-    max_queue: int = 64
-    embeddings: bool = False
-    chat_format: str = "auto"
-    verbose: bool = False
-
-
 class LlamaEngine:
     """The real engine: a loaded model behind a continuous-batching scheduler."""
 
-    def __init__(self, options: EngineOptions) -> None:
+    def __init__(self, options: EngineSettings) -> None:
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if options.verbose else logging.ERROR)
-        self.model = LlamaModel(ModelOptions(
-            path=options.path, n_ctx=options.n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
-            n_gpu_layers=options.n_gpu_layers, parallel=options.parallel, embeddings=options.embeddings,
-        ))
+        self.model = LlamaModel(options)
         self.model_id = options.model_id
         self.parallel = options.parallel
         self.embeddings_enabled = options.embeddings
@@ -166,7 +148,7 @@ class LlamaEngine:
             self.model.close()  # only once nothing can touch the contexts any more
 
 
-def load_engine(options: EngineOptions) -> LlamaEngine:
+def load_engine(options: EngineSettings) -> LlamaEngine:
     log.info("loading %s (n_ctx %d, %d parallel sequences, %s GPU layers)",
              options.path, options.n_ctx, options.parallel, options.n_gpu_layers)
     engine = LlamaEngine(options)

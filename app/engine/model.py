@@ -10,37 +10,23 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import llama_cpp
 
+from app.engine.settings import EngineSettings
+
 log = logging.getLogger(__name__)
-
-@dataclass
-class ModelOptions:
-    path: str
-    n_ctx: int = 8192
-    n_batch: int = 512
-    n_threads: int = 0
-    n_gpu_layers: int = 0
-    parallel: int = 4
-    embeddings: bool = False
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 class LlamaModel:
     """A loaded model with a batched generation context."""
 
-    def __init__(self, options: ModelOptions) -> None:
+    def __init__(self, options: EngineSettings) -> None:
         llama_cpp.llama_backend_init()  # idempotent: sets up ggml's timers and CPU backend
         self.options = options
-        threads = options.n_threads or default_threads()
+        threads = options.n_threads
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers
         model = llama_cpp.llama_model_load_from_file(options.path.encode("utf-8"), mparams)

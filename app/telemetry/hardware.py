@@ -40,6 +40,7 @@ class HardwareSample:
     memory_process_gb: float
     memory_used_gb: float
     memory_total_gb: float
+    cpu_per_core_pct: list[float]
     net_rx_mbs: float
     net_tx_mbs: float
     disk_read_mbs: float
@@ -98,7 +99,7 @@ class HardwareSampler:
         self._counters = self._read_counters()
         self._counters_at = clock()
         # psutil's CPU percentages are deltas since the previous call: prime them.
-        psutil.cpu_percent(None)
+        psutil.cpu_percent(None, percpu=True)
         self._process.cpu_percent(None)
 
     def _read_counters(self) -> tuple[int, int, int, int]:
@@ -119,9 +120,11 @@ class HardwareSampler:
             rates = [(c - p) / MB / elapsed for c, p in zip(counters, self._counters, strict=True)]
             self._counters, self._counters_at = counters, now
             vm = psutil.virtual_memory()
+            per_core = [float(v) for v in psutil.cpu_percent(None, percpu=True)]
             self._last = HardwareSample(
                 at=now,
-                cpu_system_pct=psutil.cpu_percent(None),
+                cpu_system_pct=sum(per_core) / len(per_core) if per_core else 0.0,
+                cpu_per_core_pct=per_core,
                 cpu_process_pct=self._process.cpu_percent(None),
                 memory_process_gb=self._process.memory_info().rss / GB,
                 memory_used_gb=(vm.total - vm.available) / GB,
@@ -131,6 +134,24 @@ class HardwareSampler:
                 gpus=self._nvml.sample(),
             )
             return self._last
+
+
+def machine_stats(sample: HardwareSample) -> dict[str, Any]:
+    """The sample in the shape the Model Endpoints monitor draws (the SDK's own router telemetry sends the same
+    keys): per-core CPU %, memory in MB, MB/s rates, and per-GPU lists."""
+    stats: dict[str, Any] = {
+        "cpu_usage": [round(v, 3) for v in sample.cpu_per_core_pct],
+        "memory_used": round(sample.memory_used_gb * 1024, 3),
+        "memory_free": round((sample.memory_total_gb - sample.memory_used_gb) * 1024, 3),
+        "network_rx": round(sample.net_rx_mbs, 3), "network_tx": round(sample.net_tx_mbs, 3),
+        "disk_read": round(sample.disk_read_mbs, 3), "disk_write": round(sample.disk_write_mbs, 3),
+    }
+    if sample.gpus:
+        stats["gpu_usage"] = [g.utilization_pct for g in sample.gpus]
+        stats["gpu_memory_used"] = [round(g.memory_used_gb * 1024, 3) for g in sample.gpus]
+        stats["gpu_memory_free"] = [round((g.memory_total_gb - g.memory_used_gb) * 1024, 3) for g in sample.gpus]
+        stats["gpu_temperature"] = [g.temperature_c for g in sample.gpus]
+    return stats
 
 
 def scalar_series(sample: HardwareSample) -> list[tuple[str, str, float]]:

@@ -1,21 +1,15 @@
 """Prometheus metrics with prometheus_client: request counters and histograms, live gauges.
 
 Counters and histograms are updated once per request (from RequestStats).
-Gauges for the engine (in flight, queue, slots, idle) and the machine are
-read at scrape time from the same objects the reporter reads, so nothing is
-sampled twice.
+The gauges (gauges.py) are read at scrape time from the same objects the
+reporter reads, so nothing is sampled twice.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from app.runtime import Runtime
 
 PREFIX = "llamacpp"
 KNOWN_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize",
@@ -58,51 +52,6 @@ class RequestMetrics:
             self.prompt_tokens.inc(prompt_tokens)
         if completion_tokens:
             self.completion_tokens.inc(completion_tokens)
-
-
-class LiveCollector(Collector):
-    """Gauges read at scrape time from the runtime and the hardware sampler."""
-
-    def __init__(self, runtime: "Runtime") -> None:
-        self.runtime = runtime
-
-    def collect(self) -> Iterator[Metric]:
-        rt = self.runtime
-        yield _gauge("in_flight_requests", "Requests being served now", rt.stats.in_flight)
-        yield _gauge("idle_seconds", "Seconds since the last request ended (0 while one is in flight)",
-                     rt.stats.idle_seconds())
-        yield _gauge("ready", "1 when the model is loaded and serving", 1.0 if rt.ready else 0.0)
-        engine = rt.engine
-        if engine is not None:
-            yield _gauge("queue_depth", "Requests waiting for a free sequence", engine.queue_depth)
-            yield _gauge("slots_processing", "Sequences decoding now", engine.active)
-            yield _gauge("slots_total", "Sequences decoded together (--parallel)", engine.parallel)
-        hw = rt.hardware.latest()
-        yield _gauge("cpu_system_percent", "System CPU utilisation", hw.cpu_system_pct)
-        yield _gauge("cpu_process_percent", "This process's CPU utilisation (100 = one core)", hw.cpu_process_pct)
-        yield _gauge("memory_process_bytes", "Resident memory of this process", hw.memory_process_gb * 1024**3)
-        yield _gauge("memory_used_bytes", "System memory in use", hw.memory_used_gb * 1024**3)
-        yield _gauge("memory_total_bytes", "System memory", hw.memory_total_gb * 1024**3)
-        yield _gauge("network_receive_mbps", "Network receive rate, MB/s", hw.net_rx_mbs)
-        yield _gauge("network_transmit_mbps", "Network transmit rate, MB/s", hw.net_tx_mbs)
-        yield _gauge("disk_read_mbps", "Disk read rate, MB/s", hw.disk_read_mbs)
-        yield _gauge("disk_write_mbps", "Disk write rate, MB/s", hw.disk_write_mbs)
-        if hw.gpus:
-            util = GaugeMetricFamily(f"{PREFIX}_gpu_utilization_percent", "GPU utilisation", labels=["gpu"])
-            used = GaugeMetricFamily(f"{PREFIX}_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
-            total = GaugeMetricFamily(f"{PREFIX}_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
-            temp = GaugeMetricFamily(f"{PREFIX}_gpu_temperature_celsius", "GPU temperature", labels=["gpu"])
-            for gpu in hw.gpus:
-                label = [str(gpu.index)]
-                util.add_metric(label, gpu.utilization_pct)
-                used.add_metric(label, gpu.memory_used_gb * 1024**3)
-                total.add_metric(label, gpu.memory_total_gb * 1024**3)
-                temp.add_metric(label, gpu.temperature_c)
-            yield from (util, used, total, temp)
-
-
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
 
 
 def render(registry: CollectorRegistry) -> bytes:

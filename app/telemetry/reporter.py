@@ -1,9 +1,9 @@
-"""The reporter thread: status, last action and request scalars to the task; the idle watchdog.
+"""Two threads: the reporter (scalars, properties and Model Endpoints reports) and the idle watchdog.
 
-It sleeps on `Event.wait`, so stopping never waits a full interval. The
-watchdog looks every second; the task hears from it every Last Action Report
-Interval. A failing ClearML is the task wrapper's problem, logged once, and
-never stops the loop.
+Each sleeps on `Event.wait`, so stopping never waits a full interval. The watchdog runs on its own one-second
+clock and touches nothing but in-process counters, so a slow or unreachable ClearML (whose calls the reporter
+makes, and which the SDK retries for minutes) can never keep an idle app running. Both read the app through
+narrow protocols and act through callbacks handed over by `main`; neither knows the object that owns them.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import datetime
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
-from app.runtime import Runtime
-from app.telemetry.hardware import HardwareSample, scalar_series
-from app.telemetry.stats import Snapshot, percentile
+from app.telemetry.hardware import HardwareSample, HardwareSampler, scalar_series
+from app.telemetry.history import History
+from app.telemetry.stats import RequestStats, Snapshot, percentile
+from app.telemetry.views import ServingView
 
 log = logging.getLogger(__name__)
 
@@ -29,127 +31,176 @@ class TaskSink(Protocol):
 
 
 class EndpointSink(Protocol):
-    def report(self, requests_total: int, requests_per_min: float, latency_ms: float) -> None: ...
+    def report(self, requests_total: int, requests_per_min: float, latency_ms: float,
+               hardware: HardwareSample) -> None: ...
 
 
-class Reporter:
-    """Owns one thread; `start()` and `stop()` are its whole lifecycle."""
+@dataclass(frozen=True)
+class Scalar:
+    title: str
+    series: str
+    value: float
 
-    def __init__(self, runtime: Runtime, sink: Optional[TaskSink], interval_s: float, idle_limit_s: float,
-                 clock: Callable[[], float] = time.monotonic, endpoint: Optional[EndpointSink] = None) -> None:
-        self.runtime = runtime
-        self.sink = sink
-        self.endpoint = endpoint
-        self.interval_s = interval_s
-        self.idle_limit_s = idle_limit_s
-        self._clock = clock
-        self._started = clock()
+
+class StoppableThread:
+    """A daemon thread that runs `tick` every `period()` seconds until `stop()`; a failing tick is logged once
+    per run of failures and never ends the loop."""
+
+    def __init__(self, name: str) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
-        self.status: Optional[str] = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._failing = False
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def period(self) -> float:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period()):
+            try:
+                self.tick()
+                self._failing = False
+            except Exception:
+                if not self._failing:
+                    log.exception("%s tick failed", self._thread.name)
+                self._failing = True
+
+
+class IdleWatchdog(StoppableThread):
+    """Trips `on_idle` once when no request has been served for `limit_s` (0 = never)."""
+
+    def __init__(self, stats: RequestStats, view: ServingView, limit_s: float,
+                 on_idle: Callable[[str], None]) -> None:
+        super().__init__("idle-watchdog")
+        self.stats = stats
+        self.view = view
+        self.limit_s = limit_s
+        self.on_idle = on_idle
+        self.tripped = False
+
+    def period(self) -> float:
+        return WATCHDOG_PERIOD_S
+
+    def tick(self) -> None:
+        if self.limit_s <= 0 or self.tripped or not self.view.serving:
+            return  # off, already on the way out, or not serving yet (loading is not idleness)
+        idle = self.stats.idle_seconds()
+        if idle >= self.limit_s:
+            self.tripped = True
+            log.info("idle for %.0f s (limit %.0f s): shutting down", idle, self.limit_s)
+            self.on_idle(f"idle for {idle:.0f} s")
+
+
+class Reporter(StoppableThread):
+    """Every `interval_s`: activity to the lifecycle, a dashboard point, and the task's properties and scalars."""
+
+    def __init__(self, stats: RequestStats, hardware: HardwareSampler, history: History, view: ServingView,
+                 on_activity: Callable[[bool], None], sink: Optional[TaskSink], interval_s: float,
+                 clock: Callable[[], float] = time.monotonic, endpoint: Optional[EndpointSink] = None) -> None:
+        super().__init__("reporter")
+        self.stats = stats
+        self.hardware = hardware
+        self.history = history
+        self.view = view
+        self.on_activity = on_activity
+        self.sink = sink
+        self.endpoint = endpoint
+        self.interval_s = interval_s
+        self._clock = clock
+        self._started = clock()
+
+    def period(self) -> float:
+        return self.interval_s
+
+    def tick(self) -> None:
+        self.report()
 
     def iteration(self) -> int:
         """The scalars' x-axis: whole seconds since start."""
         return int(self._clock() - self._started)
 
-    def _run(self) -> None:
-        next_report = self._clock() + self.interval_s
-        while not self._stop.wait(min(WATCHDOG_PERIOD_S, max(0.0, next_report - self._clock()))):
-            try:
-                if self._clock() >= next_report:
-                    next_report = self._clock() + self.interval_s
-                    self.report()
-                self.watch_idle()
-            except Exception:  # the reporter must outlive any one bad report
-                log.exception("reporter tick failed")
-
-    # --- watchdog ------------------------------------------------------------------
-
-    def watch_idle(self) -> None:
-        if self.idle_limit_s <= 0 or not self.runtime.ready or self.runtime.stop_requested.is_set():
-            return  # off, not serving yet, or already on the way out (say it once)
-        idle = self.runtime.stats.idle_seconds()
-        if idle >= self.idle_limit_s:
-            log.info("idle for %.0f s (limit %.0f s): shutting down", idle, self.idle_limit_s)
-            self.runtime.request_stop(f"idle for {idle:.0f} s")
-
-    # --- reports ---------------------------------------------------------------------
-
     def report(self) -> None:
-        snap = self.runtime.stats.snapshot()
-        if self.runtime.ready:
-            self.set_status("active" if snap.requests or snap.in_flight else "idle")
-        hardware = self.runtime.hardware.latest()
-        engine = self.runtime.engine
-        series = request_series(snap, engine) + scalar_series(hardware)
-        self.runtime.history.append(history_point(dict(((t, s), v) for t, s, v in series), hardware))
+        snap = self.stats.snapshot()
+        if self.view.serving:
+            self.on_activity(bool(snap.requests or snap.in_flight))
+        hardware = self.hardware.latest()
+        queued = self.view.engine.queue_depth if self.view.engine is not None else None
+        latency = Latency.of(snap)
+        self.history.append(history_point(snap, latency, queued, hardware))
         if self.endpoint is not None:
             per_min = snap.requests * 60.0 / snap.interval_s if snap.interval_s > 0 else 0.0
             mean_ms = sum(snap.latencies_ms) / len(snap.latencies_ms) if snap.latencies_ms else 0.0
-            self.endpoint.report(snap.requests_total, per_min, mean_ms)
+            self.endpoint.report(snap.requests_total, per_min, mean_ms, hardware)
         if self.sink is None:
             return
         it = self.iteration()
-        last_action = datetime.datetime.now() - datetime.timedelta(seconds=snap.idle_s)
+        last_action = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=snap.idle_s)
         self.sink.set_properties(**{"idle time (s)": f"{snap.idle_s:.0f}",
-                                    "last action": last_action.strftime("%Y-%m-%d %H:%M:%S")})
-        for title, name, value in series:
-            self.sink.report_scalar(title, name, value, it)
-
-    def set_status(self, status: str) -> None:
-        if status == self.status:
-            return
-        self.status = status
-        self.runtime.activity = status
-        log.info("status: %s", status)
-        if self.sink is not None:
-            self.sink.set_properties(status=status)
+                                    "last action": last_action.isoformat(timespec="seconds")})
+        for row in request_series(snap, latency, queued) + [Scalar(*row) for row in scalar_series(hardware)]:
+            self.sink.report_scalar(row.title, row.series, row.value, it)
 
 
-def request_series(snap: Snapshot, engine: object) -> list[tuple[str, str, float]]:
-    """(title, series, value) for the request side of one report; latency only when there were requests."""
+@dataclass(frozen=True)
+class Latency:
+    """One interval's latency percentiles (ms), computed once for the scalars and the dashboard."""
+
+    p50: Optional[float]
+    p95: Optional[float]
+    ttft_p50: Optional[float]
+    ttft_p95: Optional[float]
+
+    @classmethod
+    def of(cls, snap: Snapshot) -> Latency:
+        lat, ttft = snap.latencies_ms, snap.ttft_ms
+        return cls(percentile(lat, 0.5) if lat else None, percentile(lat, 0.95) if lat else None,
+                   percentile(ttft, 0.5) if ttft else None, percentile(ttft, 0.95) if ttft else None)
+
+
+def request_series(snap: Snapshot, latency: Latency, queued: Optional[int]) -> list[Scalar]:
+    """The request side of one report; latency only when there were requests."""
     rows = [
-        ("last action", "seconds since", snap.idle_s),
-        ("requests", "per interval", snap.requests),
-        ("requests", "total", snap.requests_total),
-        ("requests", "in flight", snap.in_flight),
-        ("tokens", "per second", snap.tokens_per_second),
-        ("tokens", "prompt per interval", snap.prompt_tokens),
-        ("tokens", "generated per interval", snap.completion_tokens),
+        Scalar("last action", "seconds since", snap.idle_s),
+        Scalar("requests", "per interval", snap.requests),
+        Scalar("requests", "total", snap.requests_total),
+        Scalar("requests", "in flight", snap.in_flight),
+        Scalar("tokens", "per second", snap.tokens_per_second),
+        Scalar("tokens", "prompt per interval", snap.prompt_tokens),
+        Scalar("tokens", "generated per interval", snap.completion_tokens),
     ]
-    if engine is not None:
-        rows.append(("requests", "queued", getattr(engine, "queue_depth", 0)))
-    if snap.latencies_ms:
-        rows += [("latency ms", "p50", percentile(snap.latencies_ms, 0.5)),
-                 ("latency ms", "p95", percentile(snap.latencies_ms, 0.95))]
-    if snap.ttft_ms:
-        rows += [("latency ms", "ttft p50", percentile(snap.ttft_ms, 0.5)),
-                 ("latency ms", "ttft p95", percentile(snap.ttft_ms, 0.95))]
+    if queued is not None:
+        rows.append(Scalar("requests", "queued", queued))
+    for series, value in (("p50", latency.p50), ("p95", latency.p95), ("ttft p50", latency.ttft_p50),
+                          ("ttft p95", latency.ttft_p95)):
+        if value is not None:
+            rows.append(Scalar("latency ms", series, value))
     return rows
 
 
-def history_point(values: dict[tuple[str, str], float], hw: HardwareSample) -> dict[str, object]:
-    """One dashboard point from the values this report sent anyway."""
+def history_point(snap: Snapshot, latency: Latency, queued: Optional[int], hw: HardwareSample) -> dict[str, object]:
+    """One dashboard point from the snapshot and sample this report took anyway."""
     return {
         "t": time.time(),
-        "requests": values[("requests", "per interval")],
-        "latency_p50": values.get(("latency ms", "p50")),
-        "latency_p95": values.get(("latency ms", "p95")),
-        "tokens_per_s": values[("tokens", "per second")],
-        "in_flight": values[("requests", "in flight")],
-        "queued": values.get(("requests", "queued"), 0),
-        "cpu": values[("cpu", "system %")],
-        "memory_gb": values[("memory", "process GB")],
-        "net_rx": values[("network", "rx MB/s")], "net_tx": values[("network", "tx MB/s")],
-        "disk_read": values[("disk", "read MB/s")], "disk_write": values[("disk", "write MB/s")],
+        "requests": snap.requests,
+        "latency_p50": latency.p50,
+        "latency_p95": latency.p95,
+        "tokens_per_s": snap.tokens_per_second,
+        "in_flight": snap.in_flight,
+        "queued": queued or 0,
+        "cpu": hw.cpu_system_pct,
+        "memory_gb": hw.memory_process_gb,
+        "net_rx": hw.net_rx_mbs, "net_tx": hw.net_tx_mbs,
+        "disk_read": hw.disk_read_mbs, "disk_write": hw.disk_write_mbs,
         "gpus": [{"index": g.index, "util": g.utilization_pct, "mem_gb": g.memory_used_gb,
                   "temp": g.temperature_c} for g in hw.gpus],
     }

@@ -1,7 +1,8 @@
-"""The only module that imports clearml: the task, its configuration, properties and scalars.
+"""The app's ClearML task: start-up, configuration, properties, scalars, console, abort and close.
 
-Every call that reaches ClearML goes through `AppTask`, which catches and
-logs failures (once per outage) so reporting can never take serving down.
+Every call that reaches ClearML goes through `AppTask`, which catches and logs failures so reporting can never
+take serving down. Each channel (properties, scalars, Model Endpoints calls, control) backs off on its own: a
+failing `serving.*` call never silences scalars or properties. The outage is logged once, and its end once.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -38,16 +38,67 @@ def offline_requested(flag: bool) -> bool:
     return flag or os.environ.get("CLEARML_OFFLINE_MODE", "").lower() in ("1", "true", "yes")
 
 
+def private_host() -> str:
+    """The address other machines reach this one at, as the SDK itself picks it: the agent's declared host IP,
+    else the private IP of the default route (gethostbyname(gethostname()) is 127.0.1.1 on Debian)."""
+    declared = os.environ.get("CLEARML_AGENT_HOST_IP")
+    if declared:
+        return declared
+    try:
+        from clearml.utilities.networking import get_private_ip
+
+        return str(get_private_ip())
+    except Exception:  # no route, no SDK: loopback is still truthful for a local run
+        return "127.0.0.1"
+
+
+# --- private SDK switches: the only two, each where no public call exists ---------------------------------------
+
+def disable_report_subprocess() -> None:
+    """Report from this process: the SDK's reporter subprocess makes every exit wait ~10 s (FACTS.md), and no
+    public `Task.init` argument turns it off."""
+    from clearml import Task
+
+    Task._report_subprocess_enabled = False  # type: ignore[assignment]
+
+
+def set_runtime_status(task: Any, status: str) -> None:
+    """The status as a runtime property too, where the server shows those; the SDK has no public setter."""
+    task._set_runtime_properties({"status": status})
+
+
+class Backoff:
+    """One channel's retry clock: after a failure, the next try waits base, 2×base, … up to RETRY_MAX_S."""
+
+    def __init__(self, base_s: float) -> None:
+        self.base_s = base_s
+        self.failing = False
+        self._delay_s = base_s
+        self._retry_at = 0.0
+
+    def may_try(self, now: float) -> bool:
+        return not self.failing or now >= self._retry_at
+
+    def failed(self, now: float) -> None:
+        self._delay_s = min(self._delay_s * 2, RETRY_MAX_S) if self.failing else self.base_s
+        self.failing = True
+        self._retry_at = now + self._delay_s
+
+    def succeeded(self) -> None:
+        self.failing = False
+        self._delay_s = self.base_s
+
 class AppTask:
     """A thin, failure-tolerant wrapper around the ClearML task of this app instance."""
+
+    CHANNELS = ("properties", "scalars", "serving", "control")
 
     def __init__(self, task: Any, offline: bool, retry_base_s: float = RETRY_BASE_S) -> None:
         self.task = task
         self.offline = offline
-        self._failing = False
-        self._retry_base_s = retry_base_s
-        self._retry_delay_s = retry_base_s
-        self._retry_at = 0.0
+        self._backoff = {name: Backoff(retry_base_s) for name in self.CHANNELS}
+        self._outage = False
+        self._lock = threading.Lock()
         self._log_handler: Optional[logging.Handler] = None
 
     # --- start-up ------------------------------------------------------------------
@@ -62,8 +113,7 @@ class AppTask:
             offline = True
         if offline:
             Task.set_offline(True)
-        # The reporter subprocess makes exit wait ~10 s; in-process reporting exits at once.
-        Task._report_subprocess_enabled = False  # type: ignore[assignment]  # a private switch, see FACTS
+        disable_report_subprocess()
         task: Any = Task.init(
             project_name=project, task_name=name, task_type=Task.TaskTypes.application,
             auto_connect_frameworks=False, auto_connect_arg_parser=False, reuse_last_task_id=False,
@@ -109,25 +159,29 @@ class AppTask:
 
     # --- reporting (never raises) -----------------------------------------------------
 
-    def _guard(self, what: str, fn: Callable[[], Any], force: bool = False) -> bool:
-        """Run one ClearML call; during an outage, try again only after an exponential backoff."""
+    def _guard(self, channel: str, what: str, fn: Callable[[], Any], force: bool = False) -> bool:
+        """Run one ClearML call; while its channel is failing, try again only after that channel's backoff."""
+        backoff = self._backoff[channel]
         now = time.monotonic()
-        if self._failing and not force and now < self._retry_at:
+        if not force and not backoff.may_try(now):
             return False  # still backing off: do not hammer a server that is down
         try:
             fn()
         except Exception as exc:  # ClearML down or refusing: serving goes on
-            if not self._failing:
+            with self._lock:
+                backoff.failed(now)
+                first = not self._outage
+                self._outage = True
+            if first:
                 log.warning("ClearML %s failed (%s); serving continues, retrying with backoff", what, exc)
-                self._failing = True
-                self._retry_delay_s = self._retry_base_s
-            else:
-                self._retry_delay_s = min(self._retry_delay_s * 2, RETRY_MAX_S)
-            self._retry_at = now + self._retry_delay_s
             return False
-        if self._failing:
+        with self._lock:
+            backoff.succeeded()
+            recovered = self._outage and not any(b.failing for b in self._backoff.values())
+            if recovered:
+                self._outage = False
+        if recovered:
             log.info("ClearML reporting recovered")
-            self._failing = False
         return True
 
     def set_properties(self, **properties: Any) -> bool:
@@ -136,24 +190,23 @@ class AppTask:
         def update() -> None:
             self.task.set_user_properties(**props)
             if "status" in props and not self.offline:
-                # Also a runtime property, where the server shows those (a no-op where it does not).
-                self.task._set_runtime_properties({"status": props["status"]})
-        return self._guard("property update", update)
+                set_runtime_status(self.task, props["status"])
+        return self._guard("properties", "property update", update)
 
     def report_scalar(self, title: str, series: str, value: float, iteration: int) -> bool:
-        return self._guard("scalar report",
+        return self._guard("scalars", "scalar report",
                            lambda: self.task.get_logger().report_scalar(title, series, float(value), iteration))
 
     def register_abort(self, callback: Callable[[], None]) -> None:
         if self.offline:
             # Offline, ClearML's status poll reads the task as reset and would terminate us.
             return
-        self._guard("abort callback registration", lambda: self.task.register_abort_callback(callback))
+        self._guard("control", "abort callback registration", lambda: self.task.register_abort_callback(callback))
 
     def mark_failed(self, cause: str) -> None:
         if not self.offline:
-            self._guard("failure report", lambda: self.task.mark_failed(status_reason=cause, status_message=cause),
-                        force=True)
+            self._guard("control", "failure report",
+                        lambda: self.task.mark_failed(status_reason=cause, status_message=cause), force=True)
 
     # --- Model Endpoints table (open-source server 1.17+, API 2.31) -----------------------
 
@@ -177,12 +230,12 @@ class AppTask:
                                                       method="post", json=payload)
             if not response.ok:
                 raise RuntimeError(f"serving.{action} answered HTTP {response.status_code}")
-        return self._guard(f"serving.{action}", call)
+        return self._guard("serving", f"serving.{action}", call)
 
     def close(self) -> None:
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
-        self._guard("close", self.task.close, force=True)
+        self._guard("control", "close", self.task.close, force=True)
 
 
 class TaskLogHandler(logging.Handler):
@@ -205,46 +258,6 @@ class TaskLogHandler(logging.Handler):
             self._inside.busy = False
 
 
-class EndpointRegistration:
-    """This instance as a row of the server's Model Endpoints table: register, report, unregister.
-
-    Payloads follow the server's `serving` schema (API 2.31): the container is
-    this task, `latency_ms` is an integer, and the registration lapses by
-    itself `timeout` seconds after the last report, so a killed app does not
-    linger in the table.
-    """
-
-    def __init__(self, task: AppTask, endpoint_name: str, endpoint_url: str, model_name: str, model_source: str,
-                 report_interval_s: float) -> None:
-        self.task = task
-        self.identity = {
-            "container_id": task.id, "endpoint_name": endpoint_name, "endpoint_url": endpoint_url,
-            "model_name": model_name, "model_source": model_source,
-            "reference": [{"type": "task", "value": task.id}],
-        }
-        self.timeout_s = int(max(600, 3 * report_interval_s))
-        self.started = time.monotonic()
-        self.registered = False
-
-    def register(self) -> None:
-        if self.task.endpoints_supported():
-            self.registered = self.task.send_serving("register_container",
-                                                     {**self.identity, "timeout": self.timeout_s})
-
-    def report(self, requests_total: int, requests_per_min: float, latency_ms: float) -> None:
-        if not self.registered:
-            return
-        self.task.send_serving("container_status_report", {
-            **self.identity, "uptime_sec": int(time.monotonic() - self.started), "requests_num": int(requests_total),
-            "requests_min": float(requests_per_min), "latency_ms": int(round(latency_ms)),
-        })
-
-    def unregister(self) -> None:
-        if self.registered:
-            self.task.send_serving("unregister_container", {"container_id": self.identity["container_id"]})
-            self.registered = False
-
-
 def write_parameters(task: Any, values: dict[str, Any]) -> None:
     """Every field as `Section/name` with its description and type, as the launch form shows them (one update)."""
     keys = {f"{cfg.field_section(n)}/{n}": n for n in cfg.field_names()}
@@ -259,79 +272,3 @@ def _sections() -> dict[str, list[str]]:
     for name in cfg.field_names():
         out[cfg.field_section(name)].append(name)
     return out
-
-
-def clearml_model_copy(model_id: str) -> Optional[str]:
-    """Download a ClearML model's file (no archive extraction) into ClearML's cache."""
-    from clearml import InputModel
-
-    try:
-        model = InputModel(model_id=model_id)
-        uri = model.url
-    except AttributeError:
-        # The SDK logs the server's refusal and then fails on the missing record.
-        raise ValueError(f"no readable ClearML model with ID {model_id}") from None
-    if not uri:
-        raise ValueError(f"ClearML model {model_id} has no file (empty URI)")
-    path = model.get_local_copy(extract_archive=False)
-    return str(path) if path else None
-
-
-def storage_copy(url: str) -> Optional[str]:
-    """A local copy of an http(s)/s3/gs/azure URL through ClearML's storage manager (cached)."""
-    from clearml import StorageManager
-
-    path = StorageManager.get_local_copy(url, extract_archive=False)
-    return str(path) if path else None
-
-
-# --- instances: launch, clone, export (the SDK calls behind `python -m app.instances`) ----------------------
-
-# Properties the app writes about itself; a clone must not show its source's.
-APP_PROPERTIES = ("status", "App URL", "API base", "API key", "test command", "idle time (s)", "last action", "model")
-
-
-@dataclass
-class Launched:
-    id: str
-    url: str
-    queue: str
-
-
-def create_instance(config: cfg.AppConfig, project: str, name: str, repo: Optional[str], branch: Optional[str],
-                    commit: Optional[str], requirements: str, queue: str) -> Launched:
-    """A new app task running `python -m app` from this repository, its form filled in, enqueued."""
-    from clearml import Task
-
-    task: Any = Task.create(project_name=project, task_name=name, task_type="application", repo=repo, branch=branch,
-                       commit=commit, module="app", working_directory=".", requirements_file=requirements,
-                       add_task_init_call=False, detect_repository=repo is None)
-    write_parameters(task, config.model_dump())
-    return _enqueue(task, queue)
-
-
-def clone_instance(source_id: str, edits: dict[str, Any], name: Optional[str], queue: str) -> Launched:
-    """A copy of an instance with its configuration (plus edits), without its app-owned properties, enqueued."""
-    from clearml import Task
-
-    source: Any = Task.get_task(task_id=source_id)
-    config = cfg.build({**cfg.from_strings(source.get_parameters() or {}), **edits})
-    clone: Any = Task.clone(source_task=source, name=name or f"{source.name} (clone)")
-    write_parameters(clone, config.model_dump())
-    clone.delete_user_properties([("properties", name) for name in APP_PROPERTIES])
-    return _enqueue(clone, queue)
-
-
-def instance_config(task_id: str) -> cfg.AppConfig:
-    """An instance's configuration, as its task's hyperparameters hold it (strings, cast and validated)."""
-    from clearml import Task
-
-    task: Any = Task.get_task(task_id=task_id)
-    return cfg.build(cfg.from_strings(task.get_parameters() or {}))
-
-
-def _enqueue(task: Any, queue: str) -> Launched:
-    from clearml import Task
-
-    Task.enqueue(task, queue_name=queue)
-    return Launched(task.id, task.get_output_log_web_page(), queue)

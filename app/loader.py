@@ -1,0 +1,58 @@
+"""The model loader: fetch the GGUF, check it, load the engine, hand it to the lifecycle, on its own thread.
+
+The port is already bound (health answers 503 `loading`) while this runs; a failure ends the run through the
+lifecycle with a one-line cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Optional
+
+from app.config import AppConfig
+from app.lifecycle import Lifecycle
+from app.model_source import ModelSourceError, ModelSpec, RemoteStore, fetch, inspect_gguf
+
+log = logging.getLogger("app")
+
+
+class ModelLoader:
+    """Owns the loader thread; `start()` and `join()` are its whole lifecycle."""
+
+    def __init__(self, config: AppConfig, spec: ModelSpec, model_id: str, lifecycle: Lifecycle,
+                 store: Optional[RemoteStore], on_loaded: Callable[[], None]) -> None:
+        self.config = config
+        self.spec = spec
+        self.model_id = model_id
+        self.lifecycle = lifecycle
+        self.store = store
+        self.on_loaded = on_loaded  # runs just before the app turns ready (the idle clock starts there)
+        self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _load(self) -> None:
+        from app.engine.engine import load_engine  # llama.cpp is imported here, off the start-up path
+
+        try:
+            path = fetch(self.spec, self.config.hf_token, self.store)
+            log.info("model file: %s", inspect_gguf(path).summary())
+            engine = load_engine(self.config.engine_settings(path, self.model_id,
+                                                             verbose=log.isEnabledFor(logging.DEBUG)))
+        except ModelSourceError as exc:
+            self.lifecycle.fail(str(exc))
+            return
+        except Exception as exc:  # a load failure must end the run with its cause, not hang it
+            log.debug("model load failed", exc_info=True)
+            self.lifecycle.fail(f"model load failed: {exc}")
+            return
+        self.on_loaded()
+        if not self.lifecycle.ready(engine):
+            return  # a stop came first: main closes the engine
+        log.info("ready: serving %s", self.model_id)

@@ -1,0 +1,25 @@
+"""The narrow read-only views telemetry has of the app: never the object that owns them."""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+
+class EngineLoad(Protocol):
+    """What telemetry reads of the engine."""
+
+    parallel: int
+
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def active(self) -> int: ...
+
+
+class ServingView(Protocol):
+    """What telemetry reads of the app's state (the lifecycle provides it)."""
+
+    @property
+    def serving(self) -> bool: ...
+    @property
+    def engine(self) -> Optional[EngineLoad]: ...
