@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -137,7 +138,7 @@ class AppConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _fits_llama_cpp(self) -> "AppConfig":
+    def _fits_llama_cpp(self) -> AppConfig:
         """Combinations llama.cpp aborts on (measured), refused before anything loads."""
         if self.n_batch > self.n_ctx:
             # llama.cpp cuts its batch to n_ctx while the scheduler fills n_batch: GGML_ASSERT at the first long decode.
@@ -239,7 +240,7 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def check_runnable(config: AppConfig, cores: Optional[int] = None) -> None:
+def check_runnable(config: AppConfig, cores: int | None = None) -> None:
     """What only the machine about to serve can check, before it binds a port or loads anything.
 
     Kept out of AppConfig's own validation: exports, launches and the README table

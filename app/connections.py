@@ -29,7 +29,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import httptools
 from uvicorn.config import Config
@@ -94,7 +94,7 @@ class ConnectionLimits:
     max_headers: int = MAX_HEADERS
 
     @classmethod
-    def for_this_process(cls) -> "ConnectionLimits":
+    def for_this_process(cls) -> ConnectionLimits:
         """Raise the descriptor limit and cap connections below it."""
         return cls(max_connections=connection_cap(raise_fd_limit()))
 
@@ -142,15 +142,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     refusals: ClassVar[RefusalLog] = RefusalLog()
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
-                 _loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         # The current head's deadline, None between heads. A request only sets and clears this float; the
         # timer checking it is re-armed lazily, so a busy kept-alive connection costs one timer per deadline
         # period rather than a call_later and a cancel per request.
-        self._head_deadline: Optional[float] = None
+        self._head_deadline: float | None = None
         self._head_begun = False  # some of the current head has arrived: a timeout earns a 408, not silence
         self._head_bytes = 0
-        self._timer: Optional[asyncio.TimerHandle] = None  # the head check, or the end of a refusal's linger
+        self._timer: asyncio.TimerHandle | None = None  # the head check, or the end of a refusal's linger
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -168,7 +168,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # uvicorn arms no keep-alive timer before a first response: this deadline is all an idle socket gets.
         self._start_head_clock()
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

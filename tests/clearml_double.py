@@ -14,10 +14,11 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jwt
 
@@ -84,7 +85,7 @@ class ClearMLDouble:
 
     # --- a small task store: what launching, cloning and exporting need ------------------------
 
-    def queue_id(self, name: str) -> Optional[str]:
+    def queue_id(self, name: str) -> str | None:
         return next((qid for qid, qname in self.queues.items() if qname == name), None)
 
     def _new_id(self, prefix: str) -> str:
@@ -177,7 +178,7 @@ class ClearMLDouble:
         self.enqueued.append((task["id"], body["queue"]))
         return {"queued": 1, "updated": 1, "fields": {}}
 
-    def serve(self) -> "RunningDouble":
+    def serve(self) -> RunningDouble:
         return RunningDouble(self)
 
 
@@ -202,7 +203,7 @@ class RunningDouble:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "RunningDouble":
+    def __enter__(self) -> RunningDouble:
         self.thread.start()
         return self
 
@@ -249,7 +250,7 @@ def _handler(double: ClearMLDouble) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(out)
 
         def _file(self, name: str) -> None:
-            source: Optional[Path] = double.files.get(name)
+            source: Path | None = double.files.get(name)
             double.calls.append(Call("files.download", {"name": name}))
             if source is None:
                 self.send_response(404)

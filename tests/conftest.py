@@ -9,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import httpx
 import pytest
@@ -57,7 +58,7 @@ class ThreadedServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> ThreadedServer:
         self.thread.start()
         deadline = time.time() + 10
         while not self.server.started:
@@ -85,14 +86,14 @@ def fake_server(fake_engine: FakeEngine) -> Iterator[ThreadedServer]:
 class AppProcess:
     """`python -m app` as a real process; its log lines are collected as they come."""
 
-    def __init__(self, args: list[str], env: Optional[dict[str, str]] = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.args = [sys.executable, "-m", "app", *args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.lines: list[str] = []
-        self.proc: Optional[subprocess.Popen[str]] = None
-        self.port: Optional[int] = None
+        self.proc: subprocess.Popen[str] | None = None
+        self.port: int | None = None
 
-    def start(self) -> "AppProcess":
+    def start(self) -> AppProcess:
         self.proc = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -114,7 +115,7 @@ class AppProcess:
     def log(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_ready(self, timeout: float = 120) -> "AppProcess":
+    def wait_ready(self, timeout: float = 120) -> AppProcess:
         deadline = time.time() + timeout
         while time.time() < deadline:
             assert self.proc is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any, Optional
+from typing import Any
 
 from app.engine.text import TextStream
 from app.engine.types import (
@@ -26,7 +26,7 @@ from app.engine.types import (
 
 
 class FakeEngine:
-    def __init__(self, replies: Optional[list[str]] = None, n_ctx_seq: int = 256, parallel: int = 2,
+    def __init__(self, replies: list[str] | None = None, n_ctx_seq: int = 256, parallel: int = 2,
                  max_queue: int = 2, token_delay: float = 0.0, embeddings: bool = True) -> None:
         self.model_id = "fake-model.gguf"
         self.n_ctx_seq = n_ctx_seq
@@ -40,7 +40,7 @@ class FakeEngine:
         self.cancelled: list[GenerationRequest] = []
         self.in_system = 0
         self.closed = False
-        self.aborted: Optional[EngineUnavailableError] = None
+        self.aborted: EngineUnavailableError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     # prompts

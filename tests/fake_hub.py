@@ -16,7 +16,6 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
@@ -26,8 +25,8 @@ _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>
 class Seen:
     method: str
     path: str
-    authorization: Optional[str]
-    range: Optional[str]
+    authorization: str | None
+    range: str | None
 
 
 @dataclass
@@ -53,7 +52,7 @@ class FakeHub:
     def gets(self, path: str) -> list[Seen]:
         return [r for r in self.requests if r.method == "GET" and r.path.endswith("/" + path)]
 
-    def serve(self) -> "RunningHub":
+    def serve(self) -> RunningHub:
         return RunningHub(self)
 
 
@@ -65,7 +64,7 @@ class RunningHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "RunningHub":
+    def __enter__(self) -> RunningHub:
         self.thread.start()
         return self
 

@@ -229,8 +229,9 @@ def test_stream_disconnect_cancels_generation(fake_engine: FakeEngine) -> None:
 
 
 def test_non_stream_disconnect_cancels_generation(fake_engine: FakeEngine) -> None:
-    from app.api.context import ServingContext
     import time
+
+    from app.api.context import ServingContext
 
     fake_engine.token_delay = 0.02
     fake_engine.default_reply = "z" * 200

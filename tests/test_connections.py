@@ -10,16 +10,15 @@ import resource
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
 from app.api.app import create_app
-from app.connections import FD_RESERVE, HEAD_TIMEOUT_S, MAX_HEAD_BYTES, ConnectionLimits, connection_cap, \
-    raise_fd_limit
 from app.api.context import ServingContext
+from app.connections import FD_RESERVE, HEAD_TIMEOUT_S, MAX_HEAD_BYTES, ConnectionLimits, connection_cap, raise_fd_limit
 from app.server import KEEP_ALIVE_S, bind_socket, serve
 from tests.conftest import API_KEY
 from tests.fake_engine import FakeEngine
@@ -35,7 +34,7 @@ LATE_HEAD_S = 2.0  # within the keep-alive timeout, past the fresh connections' 
 class ServedApp:
     """`app.server.serve` in a thread on a free port, around a fake engine; stopped by the lifecycle's flag."""
 
-    def __init__(self, limits: Optional[ConnectionLimits] = None) -> None:
+    def __init__(self, limits: ConnectionLimits | None = None) -> None:
         engine = FakeEngine()
         self.context = ServingContext.serving(engine, API_KEY)
         sock = bind_socket("127.0.0.1", 0)
@@ -51,7 +50,7 @@ class ServedApp:
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=5)
 
-    def __enter__(self) -> "ServedApp":
+    def __enter__(self) -> ServedApp:
         self.thread.start()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from app.engine.chat import CHAT_FORMATS, select_template
 from app.config import AppConfig
+from app.engine.chat import CHAT_FORMATS, select_template
 from app.engine.engine import LlamaEngine
 from app.engine.sampling import SamplerChain, logits_at
 from app.engine.scheduler import MIN_SHARED_PREFIX

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
 
@@ -49,7 +50,7 @@ def refusal(schema: Any) -> InvalidRequestError:
     return err
 
 
-def obj(properties: dict[str, Any], required: Optional[list[str]] = None) -> dict[str, Any]:
+def obj(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(properties) if required is None else required}
 
 
@@ -136,8 +137,8 @@ ACCEPTED: list[tuple[str, Any]] = [
     ("minLength", {"type": "string", "minLength": MAX, "maxLength": MAX}),
     ("items", {"type": "array", "items": {"type": "integer"}, "minItems": MAX, "maxItems": MAX}),
     ("maxItems", {"type": "array", "items": {"type": "integer"}, "maxItems": MAX}),
-    ("pattern bound", {"type": "string", "pattern": "^[a-z]{0,%d}$" % MAX}),
-    ("pattern nested bounds", {"type": "string", "pattern": "^((a{0,%d}){0,%d})$" % (MAX, MAX)}),
+    ("pattern bound", {"type": "string", "pattern": f"^[a-z]{{0,{MAX}}}$"}),
+    ("pattern nested bounds", {"type": "string", "pattern": f"^((a{{0,{MAX}}}){{0,{MAX}}})$"}),
     ("pattern length", {"type": "string", "pattern": "^" + "a" * (limits.MAX_PATTERN_CHARS - 2) + "$"}),
     ("pattern alternatives", {"type": "string",
                               "pattern": "^(" + "|".join("a" for _ in range(limits.MAX_PATTERN_ALTERNATIVES)) + ")$"}),
@@ -254,8 +255,8 @@ class SchemaGenerator:
             roll = rng.random()
             if roll < 0.4:
                 low = self.size()
-                atom += rng.choice(["{%d}" % low, "{%d,}" % low, "{%d,%d}" % (low, low + self.size()),
-                                    "{0,%d}" % self.size()])
+                atom += rng.choice([f"{{{low}}}", f"{{{low},}}", f"{{{low},{low + self.size()}}}",
+                                    f"{{0,{self.size()}}}"])
             elif roll < 0.6:
                 atom += rng.choice("*+?")
             parts.append(atom)

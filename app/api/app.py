@@ -10,11 +10,11 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.auth import AUTHENTICATED, APIKeyAuth, AuthMiddleware
+from app.api.context import ServingContext
 from app.api.dashboard import dashboard_router
 from app.api.errors import APIError, install_error_handlers, send_error
 from app.api.record import record_of
 from app.api.routes import api_router, extras_router, health_router
-from app.api.context import ServingContext
 from app.telemetry.gauges import LiveCollector
 from app.telemetry.stats import RequestStats
 

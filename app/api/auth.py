@@ -10,7 +10,6 @@ import hashlib
 import logging
 import secrets
 import time
-from typing import Optional
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -33,7 +32,7 @@ def generate_key() -> str:
     return "sk-" + secrets.token_urlsafe(24)
 
 
-def presented_key(headers: Headers) -> Optional[str]:
+def presented_key(headers: Headers) -> str | None:
     auth = headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
@@ -51,7 +50,7 @@ class APIKeyAuth:
         self._failures = 0
         self._last_log = 0.0
 
-    def matches(self, key: Optional[str]) -> bool:
+    def matches(self, key: str | None) -> bool:
         if key is None:
             return False
         candidate = hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).digest()

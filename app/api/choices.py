@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any
 
 from fastapi import Request
 
@@ -36,7 +37,7 @@ class Choice:
     prefix: str = ""  # echoed prompt text (completions)
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish: Optional[Finish] = None
+    finish: Finish | None = None
     prompt_index: int = 0
 
 
@@ -63,7 +64,7 @@ class ChoiceSet:
         self.engine = engine
         self.choices: list[Choice] = []
         self.started_at = time.monotonic()
-        self.first_token_at: Optional[float] = None
+        self.first_token_at: float | None = None
 
     async def submit(self, specs: list[ChoiceSpec], param: str) -> None:
         """Queue every choice; a request that could never fit the system at once is a 400, not a 429."""
@@ -127,7 +128,7 @@ class ChoiceSet:
             for t in tasks:
                 t.cancel()
 
-    def first_error(self) -> Optional[EngineError]:
+    def first_error(self) -> EngineError | None:
         for c in self.choices:
             if c.finish is not None and c.finish.error is not None:
                 return c.finish.error

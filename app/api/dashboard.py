@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from importlib import resources
+
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,8 +35,8 @@ _STATUS_TYPES = {
 class APIError(Exception):
     """Raised by handlers for a precise client-facing error."""
 
-    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
-                 error_type: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -63,8 +63,8 @@ def engine_status(exc: EngineError) -> tuple[int, str]:
     return 500, "server_error"
 
 
-def error_body(message: str, error_type: str, param: Optional[str] = None,
-               code: Optional[str] = None) -> dict[str, Any]:
+def error_body(message: str, error_type: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
     """The one error shape, as a dict (the body of every error answer)."""
     return ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=code)).model_dump()
 
@@ -95,7 +95,7 @@ def from_engine_error(exc: EngineError) -> APIError:
     return APIError(status, str(exc), exc.code, exc.param, error_type, headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None

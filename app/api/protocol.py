@@ -9,7 +9,7 @@ string must be encodable as UTF-8 (JSON lets a client send a lone surrogate).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -33,7 +33,7 @@ Float = Annotated[float, Field(allow_inf_nan=False), Strict()]
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def find_unencodable(value: Any, path: str = "") -> Optional[str]:
+def find_unencodable(value: Any, path: str = "") -> str | None:
     """The path of the first string (key or value) holding a lone surrogate, or None."""
     if isinstance(value, str):
         return path if _SURROGATE.search(value) else None
@@ -76,7 +76,7 @@ class StreamOptions(_Request):
     include_usage: Bool = False
 
 
-def _check_stop(value: Union[str, list[str], None]) -> list[str]:
+def _check_stop(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     stops = [value] if isinstance(value, str) else list(value)
@@ -86,8 +86,8 @@ def _check_stop(value: Union[str, list[str], None]) -> list[str]:
 
 
 class SamplingFields(_TopRequest):
-    model: Optional[str] = None
-    max_tokens: Optional[Int] = Field(None, ge=1)
+    model: str | None = None
+    max_tokens: Int | None = Field(None, ge=1)
     temperature: Float = Field(1.0, ge=0.0, le=2.0)
     top_p: Float = Field(1.0, gt=0.0, le=1.0)
     top_k: Int = Field(0, ge=0)
@@ -95,39 +95,39 @@ class SamplingFields(_TopRequest):
     presence_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
     repeat_penalty: Float = Field(1.0, gt=0.0, le=10.0)
-    seed: Optional[Int] = None
-    stop: Union[str, list[str], None] = None
+    seed: Int | None = None
+    stop: str | list[str] | None = None
     n: Int = Field(1, ge=1, le=MAX_N)
     stream: Bool = False
-    stream_options: Optional[StreamOptions] = None
+    stream_options: StreamOptions | None = None
     ignore_eos: Bool = False  # llama.cpp extension, for fixed-length benchmarks
 
     @field_validator("stop")
     @classmethod
-    def _stop(cls, value: Union[str, list[str], None]) -> list[str]:
+    def _stop(cls, value: str | list[str] | None) -> list[str]:
         return _check_stop(value)
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[dict[str, Any]], None] = None
-    name: Optional[str] = None
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[Int] = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: Bool = False
-    top_logprobs: Optional[Int] = Field(None, ge=0, le=20)
-    response_format: Optional[dict[str, Any]] = None
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[Int], list[list[Int]]]
+    prompt: str | list[str] | list[Int] | list[list[Int]]
     echo: Bool = False
-    logprobs: Optional[Int] = Field(None, ge=0, le=5)
-    suffix: Optional[str] = None
-    response_format: Optional[dict[str, Any]] = None
+    logprobs: Int | None = Field(None, ge=0, le=5)
+    suffix: str | None = None
+    response_format: dict[str, Any] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -138,8 +138,8 @@ class CompletionRequest(SamplingFields):
 
 
 class EmbeddingRequest(_TopRequest):
-    model: Optional[str] = None
-    input: Union[str, list[str], list[Int], list[list[Int]]]
+    model: str | None = None
+    input: str | list[str] | list[Int] | list[list[Int]]
     encoding_format: Literal["float", "base64"] = "float"
 
     @field_validator("input")
@@ -190,20 +190,20 @@ class LogprobEntry(TopLogprobEntry):
 
 class ChatLogprobs(_Response):
     content: list[LogprobEntry]
-    refusal: Optional[str] = None
+    refusal: str | None = None
 
 
 class ChatMessageOut(_Response):
     role: Literal["assistant"] = "assistant"
-    content: Optional[str] = None
-    refusal: Optional[str] = None
+    content: str | None = None
+    refusal: str | None = None
 
 
 class ChatDelta(_Response):
     """A stream's increment: only what changed is sent (the final chunk's delta is `{}`)."""
 
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
+    role: Literal["assistant"] | None = None
+    content: str | None = None
 
     @model_serializer(mode="wrap")
     def _only_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -213,15 +213,15 @@ class ChatDelta(_Response):
 class ChatChoice(_Response):
     index: int
     message: ChatMessageOut
-    logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[str] = None
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
 
 
 class ChatChunkChoice(_Response):
     index: int
     delta: ChatDelta
-    logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[str] = None
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
 
 
 class CompletionLogprobs(_Response):
@@ -234,16 +234,16 @@ class CompletionLogprobs(_Response):
 class CompletionChoice(_Response):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[str] = None
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
 
 
 class _Completionish(_Response):
     id: str
     created: int
     model: str
-    system_fingerprint: Optional[str] = None
-    usage: Optional[UsageInfo] = None
+    system_fingerprint: str | None = None
+    usage: UsageInfo | None = None
 
 
 class ChatCompletionResponse(_Completionish):
@@ -268,8 +268,8 @@ class CompletionChunk(CompletionResponse):
 class ErrorDetail(_Response):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(_Response):

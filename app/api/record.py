@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from starlette.types import Scope
 
@@ -12,7 +11,7 @@ _KEY = "app.record"
 
 @dataclass
 class RequestRecord:
-    ttft_s: Optional[float] = None
+    ttft_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

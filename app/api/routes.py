@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -13,8 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api import serving
 from app.api.choices import ChoiceSet, ChoiceSpec, collect, until_disconnect, usage_of
+from app.api.context import ServingContext
 from app.api.errors import APIError, error_body
-from app.api.record import record_of
 from app.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -25,8 +26,8 @@ from app.api.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
+from app.api.record import record_of
 from app.engine.types import EngineProtocol
-from app.api.context import ServingContext
 from app.lifecycle import State
 from app.telemetry.prometheus import render
 

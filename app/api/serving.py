@@ -12,8 +12,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Union
 
 from app.api.choices import Choice, ChoiceSet, ChoiceSpec, usage_of
 from app.api.errors import APIError, error_response_body
@@ -59,7 +59,7 @@ class ResponseIds:
 
 # --- building engine requests ------------------------------------------------------------------------------
 
-def sampling_of(body: SamplingFields, seed_offset: int, grammar: Optional[str]) -> SamplingParams:
+def sampling_of(body: SamplingFields, seed_offset: int, grammar: str | None) -> SamplingParams:
     seed = None if body.seed is None else body.seed + seed_offset
     return SamplingParams(
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
@@ -68,7 +68,7 @@ def sampling_of(body: SamplingFields, seed_offset: int, grammar: Optional[str]) 
     )
 
 
-def resolve_max_tokens(requested: Optional[int], n_prompt: int, n_ctx_seq: int) -> int:
+def resolve_max_tokens(requested: int | None, n_prompt: int, n_ctx_seq: int) -> int:
     """OpenAI semantics: no max_tokens means 'until the context is full'."""
     if requested is not None:
         return requested
@@ -113,7 +113,7 @@ async def build_completion(engine: EngineProtocol, body: CompletionRequest) -> l
     if body.suffix:
         raise APIError(400, "suffix (insertion) is not supported by this server", param="suffix")
     raw = body.prompt
-    prompts: list[Union[str, list[int]]]
+    prompts: list[str | list[int]]
     if isinstance(raw, str):
         prompts = [raw]
     elif raw and all(isinstance(x, int) for x in raw):
@@ -140,7 +140,7 @@ async def build_completion(engine: EngineProtocol, body: CompletionRequest) -> l
 
 # --- the two shapes ------------------------------------------------------------------------------------------
 
-def finish_reason(finish: Optional[Finish]) -> Optional[str]:
+def finish_reason(finish: Finish | None) -> str | None:
     if finish is None:
         return None
     return "length" if finish.reason == "length" else "stop"
@@ -177,7 +177,7 @@ class Shape(abc.ABC):
         self.include_usage = include_usage
 
     @abc.abstractmethod
-    def opening(self, choice: Choice) -> Optional[str]: ...
+    def opening(self, choice: Choice) -> str | None: ...
     @abc.abstractmethod
     def delta(self, choice: Choice, event: Delta) -> str: ...
     @abc.abstractmethod
@@ -185,18 +185,18 @@ class Shape(abc.ABC):
     @abc.abstractmethod
     def usage_chunk(self, usage: UsageInfo) -> str: ...
     @abc.abstractmethod
-    def response(self, choices: list[Choice]) -> Union[ChatCompletionResponse, CompletionResponse]: ...
+    def response(self, choices: list[Choice]) -> ChatCompletionResponse | CompletionResponse: ...
 
 
 class ChatShape(Shape):
     id_prefix = "chatcmpl"
 
-    def _chunk(self, choices: list[ChatChunkChoice], usage: Optional[UsageInfo] = None) -> str:
+    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.ids.id, created=self.ids.created, model=self.ids.model,
                                     choices=choices, usage=usage)
         return sse(chunk.model_dump_json(exclude=None if self.include_usage else {"usage"}))
 
-    def opening(self, choice: Choice) -> Optional[str]:
+    def opening(self, choice: Choice) -> str | None:
         return self._chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
 
     def delta(self, choice: Choice, event: Delta) -> str:
@@ -225,12 +225,12 @@ class CompletionShape(Shape):
         super().__init__(model, want_logprobs, include_usage)
         self._offsets: dict[int, int] = {}  # per choice: where the next text starts (for text_offset)
 
-    def _chunk(self, choices: list[CompletionChoice], usage: Optional[UsageInfo] = None) -> str:
+    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         chunk = CompletionChunk(id=self.ids.id, created=self.ids.created, model=self.ids.model, choices=choices,
                                 usage=usage)
         return sse(chunk.model_dump_json(exclude=None if self.include_usage else {"usage"}))
 
-    def opening(self, choice: Choice) -> Optional[str]:
+    def opening(self, choice: Choice) -> str | None:
         self._offsets[choice.index] = len(choice.prefix)
         return self._chunk([CompletionChoice(index=choice.index, text=choice.prefix)]) if choice.prefix else None
 

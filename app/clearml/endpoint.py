@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 from app.clearml.session import AppTask
 from app.telemetry.hardware import HardwareSample, machine_stats
@@ -31,7 +31,7 @@ class EndpointRegistration:
     """
 
     def __init__(self, task: AppTask, endpoint_name: str, endpoint_url: str, model_name: str, model_source: str,
-                 report_interval_s: float, references: Optional[list[dict[str, str]]] = None) -> None:
+                 report_interval_s: float, references: list[dict[str, str]] | None = None) -> None:
         self.task = task
         self.identity: dict[str, Any] = {
             "container_id": task.id, "endpoint_name": endpoint_name, "endpoint_url": endpoint_url,
@@ -41,7 +41,7 @@ class EndpointRegistration:
         self.timeout_s = int(max(600, 3 * report_interval_s))
         self.started = time.monotonic()
         self.registered = False
-        self._supported: Optional[bool] = None
+        self._supported: bool | None = None
 
     def register(self) -> bool:
         if self._supported is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from app import config as cfg
 from app.clearml.session import write_parameters
@@ -17,8 +17,8 @@ class Launched:
     queue: str
 
 
-def create_instance(config: cfg.AppConfig, project: str, name: str, repo: Optional[str], branch: Optional[str],
-                    commit: Optional[str], requirements: str, queue: str) -> Launched:
+def create_instance(config: cfg.AppConfig, project: str, name: str, repo: str | None, branch: str | None,
+                    commit: str | None, requirements: str, queue: str) -> Launched:
     """A new app task running `python -m app` from this repository, its form filled in, enqueued."""
     from clearml import Task
 
@@ -29,7 +29,7 @@ def create_instance(config: cfg.AppConfig, project: str, name: str, repo: Option
     return _enqueue(task, queue)
 
 
-def clone_instance(source_id: str, edits: dict[str, Any], name: Optional[str], queue: str) -> Launched:
+def clone_instance(source_id: str, edits: dict[str, Any], name: str | None, queue: str) -> Launched:
     """A copy of an instance with its configuration (plus edits), without its app-owned properties, enqueued."""
     from clearml import Task
 

@@ -11,8 +11,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from app import config as cfg
 
@@ -99,12 +100,12 @@ class AppTask:
         self._backoff = {name: Backoff(retry_base_s) for name in self.CHANNELS}
         self._outage = False
         self._lock = threading.Lock()
-        self._log_handler: Optional[logging.Handler] = None
+        self._log_handler: logging.Handler | None = None
 
     # --- start-up ------------------------------------------------------------------
 
     @classmethod
-    def start(cls, offline: bool, project: str, name: str) -> "AppTask":
+    def start(cls, offline: bool, project: str, name: str) -> AppTask:
         from clearml import Task
 
         under_agent = bool(os.environ.get("CLEARML_TASK_ID"))

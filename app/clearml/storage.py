@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 
 class ClearMLStorage:
     """The `RemoteStore` model_source fetches ClearML model IDs and remote URLs through."""
 
-    def model_copy(self, model_id: str) -> Optional[str]:
+    def model_copy(self, model_id: str) -> str | None:
         return clearml_model_copy(model_id)
 
-    def url_copy(self, url: str) -> Optional[str]:
+    def url_copy(self, url: str) -> str | None:
         return storage_copy(url)
 
 
-def clearml_model_copy(model_id: str) -> Optional[str]:
+def clearml_model_copy(model_id: str) -> str | None:
     """Download a ClearML model's file (no archive extraction) into ClearML's cache."""
     from clearml import InputModel
 
@@ -32,7 +32,7 @@ def clearml_model_copy(model_id: str) -> Optional[str]:
     return str(path) if path else None
 
 
-def storage_copy(url: str) -> Optional[str]:
+def storage_copy(url: str) -> str | None:
     """A local copy of an http(s)/s3/gs/azure URL through ClearML's storage manager (cached)."""
     from clearml import StorageManager
 

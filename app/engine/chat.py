@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -96,7 +96,7 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template failed on these messages: {exc}") from None
 
 
-def select_template(chat_format: str, model_template: Optional[str], bos: str, eos: str) -> ChatTemplate:
+def select_template(chat_format: str, model_template: str | None, bos: str, eos: str) -> ChatTemplate:
     """The template to use: explicit format, else the model's, else ChatML (logged)."""
     if chat_format != "auto":
         source, stop = CHAT_FORMATS[chat_format]

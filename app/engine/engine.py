@@ -7,14 +7,14 @@ import ctypes
 import functools
 import logging
 import math
-from typing import Any, Optional
+from typing import Any
 
 import llama_cpp
 
 from app.engine.chat import ChatTemplate, flatten_content, select_template
 from app.engine.model import LlamaModel
-from app.engine.scheduler import Scheduler
 from app.engine.sampling import SamplerChain
+from app.engine.scheduler import Scheduler
 from app.engine.settings import EngineSettings
 from app.engine.types import (
     ChatPrompt,
@@ -152,7 +152,7 @@ def load_engine(options: EngineSettings) -> LlamaEngine:
     log.info("loading %s (n_ctx %d, %d parallel sequences, %s GPU layers)",
              options.path, options.n_ctx, options.parallel, options.n_gpu_layers)
     engine = LlamaEngine(options)
-    info: dict[str, Optional[object]] = dict(engine.model.describe())
+    info: dict[str, object | None] = dict(engine.model.describe())
     log.info("model loaded: %s, %s parameters, %d threads; each sequence may use %d tokens",
              info["description"], info["n_params"], engine.model.threads, engine.n_ctx_seq)
     return engine

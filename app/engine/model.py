@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import llama_cpp
 
@@ -57,7 +57,7 @@ class LlamaModel:
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.threads = threads
 
-        self.embed_ctx: Optional[Any] = None
+        self.embed_ctx: Any | None = None
         self.n_embd = llama_cpp.llama_model_n_embd(model)
         if options.embeddings:
             eparams = llama_cpp.llama_context_default_params()
@@ -82,7 +82,7 @@ class LlamaModel:
 
     # --- metadata ----------------------------------------------------------------
 
-    def meta(self, key: str) -> Optional[str]:
+    def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(65536)
         n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         if n < 0:
@@ -92,7 +92,7 @@ class LlamaModel:
             llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace")
 
-    def chat_template(self) -> Optional[str]:
+    def chat_template(self) -> str | None:
         return self.meta("tokenizer.chat_template")
 
     # --- tokens -----------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
-from typing import Any, Optional
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -17,7 +17,7 @@ from app.engine.types import InvalidRequestError, SamplingParams
 PENALTY_LAST_N = 64
 
 
-def grammar_for_response_format(response_format: Optional[dict[str, Any]]) -> Optional[str]:
+def grammar_for_response_format(response_format: dict[str, Any] | None) -> str | None:
     """GBNF for OpenAI's response_format; None when output is free text.
 
     Synchronous and bounded: the schema is checked before conversion, so a call costs
@@ -59,7 +59,7 @@ class SamplerChain:
 
     def __init__(self, vocab: Any, n_vocab: int, params: SamplingParams) -> None:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        self._chain: Optional[Any] = chain
+        self._chain: Any | None = chain
 
         def add(sampler: Any) -> None:
             if not sampler:

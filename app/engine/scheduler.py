@@ -18,8 +18,9 @@ import collections
 import concurrent.futures
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 
 import llama_cpp
 
@@ -59,11 +60,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class _Slot:
     seq_id: int
     cache: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, positions 0..n-1
-    handle: Optional[RequestHandle] = None
+    handle: RequestHandle | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens still to decode
-    wait_for: Optional[tuple["_Slot", int]] = None  # copy this many tokens from that slot once computed
-    text: Optional[TextStream] = None
-    next_token: Optional[int] = None
+    wait_for: tuple[_Slot, int] | None = None  # copy this many tokens from that slot once computed
+    text: TextStream | None = None
+    next_token: int | None = None
     n_prompt: int = 0
     n_cached: int = 0
     n_generated: int = 0
@@ -91,7 +92,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._in_system = 0
-        self._abort: Optional[EngineError] = None
+        self._abort: EngineError | None = None
         self._batch = llama_cpp.llama_batch_init(max(n_batch, parallel), 0, 1)
         self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
 
@@ -168,7 +169,7 @@ class Scheduler:
             self._abort = error
         self._wake.set()
 
-    def run_job(self, fn: Callable[[], T]) -> "asyncio.Future[T]":
+    def run_job(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run `fn` on the engine thread between steps (for work on the model's contexts)."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
@@ -231,7 +232,7 @@ class Scheduler:
         except Exception:
             log.error("could not deliver the end of a request", exc_info=log.isEnabledFor(logging.DEBUG))
 
-    def _finish(self, slot: _Slot, reason: str, error: Optional[EngineError] = None) -> None:
+    def _finish(self, slot: _Slot, reason: str, error: EngineError | None = None) -> None:
         handle = slot.handle
         if handle is None:
             return
@@ -312,9 +313,9 @@ class Scheduler:
         own = max(free, key=lambda s: common_prefix(s.cache, prompt))
         own_n = min(common_prefix(own.cache, prompt), limit)
 
-        donor: Optional[_Slot] = None
+        donor: _Slot | None = None
         donor_n = 0
-        pending_donor: Optional[_Slot] = None
+        pending_donor: _Slot | None = None
         pending_n = 0
         for s in self._slots:
             if s is own:
@@ -328,7 +329,7 @@ class Scheduler:
                     pending_donor, pending_n = s, m
 
         slot = own
-        wait_for: Optional[tuple[_Slot, int]] = None
+        wait_for: tuple[_Slot, int] | None = None
         worth_waiting = pending_n >= MIN_SHARED_PREFIX and pending_n > max(own_n, donor_n) + MIN_SHARED_PREFIX
         if pending_donor is not None and worth_waiting:
             slot = min(free, key=lambda s: len(s.cache))

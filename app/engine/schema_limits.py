@@ -28,7 +28,7 @@ the offending value.
 from __future__ import annotations
 
 import re
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 from llama_cpp.llama_grammar import RESERVED_NAMES
 
@@ -225,7 +225,7 @@ def _optional_properties(schema: Any, node: dict[Any, Any]) -> int:
     return count
 
 
-def _resolve(schema: Any, ref: Any) -> Optional[Any]:
+def _resolve(schema: Any, ref: Any) -> Any | None:
     """The node a local `$ref` points to, found the way the converter finds it; None if it cannot."""
     if not isinstance(ref, str) or "#" not in ref or ref.startswith("https://"):
         return None
@@ -248,7 +248,7 @@ def _check_ref_expansion(schema: Any) -> None:
     expanded: set[str] = set()
     active: set[str] = set()
     # (node, None) visits a node; (None, ref) leaves the expansion of ref.
-    stack: list[tuple[Any, Optional[str]]] = [(schema, None)]
+    stack: list[tuple[Any, str | None]] = [(schema, None)]
     while stack:
         node, leaving = stack.pop()
         if leaving is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-from typing import Optional
 
 
 class TextStream:
@@ -49,8 +48,8 @@ class TextStream:
         self.text += out
         return out
 
-    def _first_stop(self, text: str) -> Optional[int]:
-        best: Optional[int] = None
+    def _first_stop(self, text: str) -> int | None:
+        best: int | None = None
         for s in self._stop:
             i = text.find(s)
             if i != -1 and (best is None or i < best):

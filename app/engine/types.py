@@ -10,17 +10,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Protocol
 
 
 class EngineError(Exception):
     """A request the engine cannot serve. `code` is a stable machine-readable reason (OpenAI's where one
     exists), `param` the request field at fault; the API layer maps the class to an HTTP answer."""
 
-    code: Optional[str] = None
-    param: Optional[str] = None
+    code: str | None = None
+    param: str | None = None
 
-    def __init__(self, message: str, param: Optional[str] = None) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         if param is not None:
             self.param = param
@@ -63,8 +63,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
-    seed: Optional[int] = None
-    grammar: Optional[str] = None
+    seed: int | None = None
+    grammar: str | None = None
 
 
 @dataclass
@@ -75,7 +75,7 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
-    logprobs: Optional[int] = None  # None: off; k >= 0: chosen token plus k alternatives
+    logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
     ignore_eos: bool = False
 
 
@@ -117,10 +117,10 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    error: Optional[EngineError] = None
+    error: EngineError | None = None
 
 
-Event = Union[Delta, Finish]
+Event = Delta | Finish
 
 
 class RequestHandle:
@@ -131,7 +131,7 @@ class RequestHandle:
         self._loop = loop
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
-        self.sampler: Optional[Any] = None  # the engine's per-request sampler, freed when the request ends
+        self.sampler: Any | None = None  # the engine's per-request sampler, freed when the request ends
 
     # engine side -------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -150,7 +150,7 @@ class RequestHandle:
     def cancel(self) -> None:
         self._cancelled.set()
 
-    async def next_event(self, timeout: Optional[float] = None) -> Optional[Event]:
+    async def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None if `timeout` passes first."""
         try:
             if timeout is None:

@@ -6,7 +6,7 @@ They read the same objects the reporter reads (request stats, the hardware sampl
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import psutil
 
@@ -94,8 +95,8 @@ class HardwareSampler:
         self._clock = clock
         self._lock = threading.Lock()
         self._process = psutil.Process()
-        self._nvml: Optional[_NVML] = None
-        self._last: Optional[HardwareSample] = None
+        self._nvml: _NVML | None = None
+        self._last: HardwareSample | None = None
         self._counters = self._read_counters()
         self._counters_at = clock()
         # psutil's CPU percentages are deltas since the previous call: prime them.

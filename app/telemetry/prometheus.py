@@ -7,8 +7,6 @@ reporter reads, so nothing is sampled twice.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 PREFIX = "llamacpp"
@@ -41,7 +39,7 @@ class RequestMetrics:
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed", registry=self.registry)
         self.completion_tokens = Counter(f"{PREFIX}_completion_tokens", "Tokens generated", registry=self.registry)
 
-    def observe(self, path: str, status: int, latency_s: float, ttft_s: Optional[float], prompt_tokens: int,
+    def observe(self, path: str, status: int, latency_s: float, ttft_s: float | None, prompt_tokens: int,
                 completion_tokens: int) -> None:
         endpoint = endpoint_label(path)
         self.requests.labels(endpoint, str(status)).inc()

@@ -12,8 +12,9 @@ import datetime
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Protocol
 
 from app.telemetry.hardware import HardwareSample, HardwareSampler, scalar_series
 from app.telemetry.history import History
@@ -105,8 +106,8 @@ class Reporter(StoppableThread):
     """Every `interval_s`: activity to the lifecycle, a dashboard point, and the task's properties and scalars."""
 
     def __init__(self, stats: RequestStats, hardware: HardwareSampler, history: History, view: ServingView,
-                 on_activity: Callable[[bool], None], sink: Optional[TaskSink], interval_s: float,
-                 clock: Callable[[], float] = time.monotonic, endpoint: Optional[EndpointSink] = None) -> None:
+                 on_activity: Callable[[bool], None], sink: TaskSink | None, interval_s: float,
+                 clock: Callable[[], float] = time.monotonic, endpoint: EndpointSink | None = None) -> None:
         super().__init__("reporter")
         self.stats = stats
         self.hardware = hardware
@@ -155,10 +156,10 @@ class Reporter(StoppableThread):
 class Latency:
     """One interval's latency percentiles (ms), computed once for the scalars and the dashboard."""
 
-    p50: Optional[float]
-    p95: Optional[float]
-    ttft_p50: Optional[float]
-    ttft_p95: Optional[float]
+    p50: float | None
+    p95: float | None
+    ttft_p50: float | None
+    ttft_p95: float | None
 
     @classmethod
     def of(cls, snap: Snapshot) -> Latency:
@@ -167,7 +168,7 @@ class Latency:
                    percentile(ttft, 0.5) if ttft else None, percentile(ttft, 0.95) if ttft else None)
 
 
-def request_series(snap: Snapshot, latency: Latency, queued: Optional[int]) -> list[Scalar]:
+def request_series(snap: Snapshot, latency: Latency, queued: int | None) -> list[Scalar]:
     """The request side of one report; latency only when there were requests."""
     rows = [
         Scalar("last action", "seconds since", snap.idle_s),
@@ -187,7 +188,7 @@ def request_series(snap: Snapshot, latency: Latency, queued: Optional[int]) -> l
     return rows
 
 
-def history_point(snap: Snapshot, latency: Latency, queued: Optional[int], hw: HardwareSample) -> dict[str, object]:
+def history_point(snap: Snapshot, latency: Latency, queued: int | None, hw: HardwareSample) -> dict[str, object]:
     """One dashboard point from the snapshot and sample this report took anyway."""
     return {
         "t": time.time(),

@@ -9,9 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from typing import Callable, Optional
 
 from app.telemetry.prometheus import RequestMetrics, endpoint_label
 
@@ -50,7 +49,7 @@ class Snapshot:
 class RequestStats:
     """Counters since start and since the last snapshot, and the time of the last activity."""
 
-    def __init__(self, clock: Optional[Callable[[], float]] = None) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self._clock = clock or time.monotonic
         self.metrics = RequestMetrics()
         self._lock = threading.Lock()
@@ -79,7 +78,7 @@ class RequestStats:
             self._in_flight += 1
             return self._clock()
 
-    def end(self, endpoint: str, status: int, started: float, ttft_s: Optional[float] = None,
+    def end(self, endpoint: str, status: int, started: float, ttft_s: float | None = None,
             prompt_tokens: int = 0, completion_tokens: int = 0, active: bool = True) -> None:
         """One request ended; `active` says whether it was use (authenticated, reached a route)."""
         label = endpoint_label(endpoint)  # a closed set: random paths must not grow memory

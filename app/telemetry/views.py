@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Protocol
 
 
 class EngineLoad(Protocol):
@@ -22,4 +22,4 @@ class ServingView(Protocol):
     @property
     def serving(self) -> bool: ...
     @property
-    def engine(self) -> Optional[EngineLoad]: ...
+    def engine(self) -> EngineLoad | None: ...
