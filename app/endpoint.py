@@ -14,6 +14,7 @@ from dataclasses import dataclass
 STATUS = "status"
 IDLE_TIME = "idle time (s)"
 LAST_ACTION = "last action"
+GPU_OFFLOAD = "GPU offload"
 TEST_PROMPT = "Write one sentence about the sea."
 
 
@@ -54,4 +55,4 @@ def local_url(host: str, port: int, public_host: str) -> str:
     return f"http://{shown}:{port}"
 
 
-APP_PROPERTIES = (STATUS, IDLE_TIME, LAST_ACTION, *EndpointInfo().properties())
+APP_PROPERTIES = (STATUS, IDLE_TIME, LAST_ACTION, GPU_OFFLOAD, *EndpointInfo().properties())

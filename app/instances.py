@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from app import config as cfg
+from app.clearml.instances import PROFILES, ContainerProfile
+from app.model_source import ModelSourceError
 
 log = logging.getLogger("app.instances")
 
@@ -52,8 +54,11 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 
 def require_model(config: cfg.AppConfig) -> cfg.AppConfig:
-    if not config.model.strip():
-        raise cfg.ConfigError("invalid configuration: model: a model is required (General/model)")
+    """A launch needs a model the app can fetch (checked here, before anything is created)."""
+    try:
+        config.model_spec()
+    except ModelSourceError as exc:
+        raise cfg.ConfigError(f"invalid configuration: model: {exc}") from None
     return config
 
 
@@ -70,7 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def container_options(p: argparse.ArgumentParser, default: str | None) -> None:
+        p.add_argument("--profile", choices=sorted(PROFILES), default=default,
+                       help="container for an agent in docker mode: cpu or gpu (a CUDA build of llama-cpp-python)"
+                            + (f" (default: {default})" if default else " (default: keep the source's)"))
+        p.add_argument("--docker-image", default=None, help="replace the profile's image")
+        p.add_argument("--docker-args", default=None, help="replace the profile's docker arguments")
+
     def launch_options(p: argparse.ArgumentParser) -> None:
+        container_options(p, "cpu")
         p.add_argument("--queue", default=DEFAULT_QUEUE, help="ClearML queue to enqueue to (default: default)")
         p.add_argument("--project-name", default=DEFAULT_PROJECT, help="ClearML project")
         p.add_argument("--task-name", default=DEFAULT_NAME, help="name of the new task")
@@ -90,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     clone.add_argument("--queue", default=DEFAULT_QUEUE, help="ClearML queue to enqueue to (default: default)")
     clone.add_argument("--task-name", default=None, help="name of the clone (default: source name + ' (clone)')")
     clone.add_argument("--set", action="append", default=[], metavar="Section/field=value")
+    container_options(clone, None)
 
     export = sub.add_parser("export", help="write an instance's configuration as JSON")
     export.add_argument("task_id")
@@ -107,6 +121,14 @@ def launch_config(args: argparse.Namespace, values: dict[str, Any]) -> cfg.AppCo
     return require_model(cfg.build(values))
 
 
+def container_of(args: argparse.Namespace) -> ContainerProfile | None:
+    """The profile asked for, with the image or arguments replaced; None (clone) keeps the source's."""
+    profile, image, arguments = (getattr(args, n, None) for n in ("profile", "docker_image", "docker_args"))
+    if profile is None and image is None and arguments is None:
+        return None
+    return PROFILES[profile or "cpu"].with_overrides(image, arguments)
+
+
 def report(launched: Any, what: str) -> None:
     sys.stdout.write(f"{what}: task {launched.id}, enqueued to '{launched.queue}'\n")
     sys.stdout.write(f"  web: {launched.url}\n")
@@ -116,6 +138,8 @@ def report(launched: Any, what: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from app.clearml import instances as clearml_io
+
+    container = container_of(args)
 
     if args.command in ("launch", "import"):
         if args.command == "launch":
@@ -130,11 +154,12 @@ def run(args: argparse.Namespace) -> int:
         launched = clearml_io.create_instance(
             config, args.project_name, args.task_name, repo,
             args.branch or git("rev-parse", "--abbrev-ref", "HEAD"), args.commit or git("rev-parse", "HEAD"),
-            str(REPO_ROOT / "requirements.txt"), args.queue)
+            str(REPO_ROOT / "requirements.txt"), args.queue, container or PROFILES["cpu"])
         report(launched, "launched" if args.command == "launch" else "imported")
         return 0
     if args.command == "clone":
-        launched = clearml_io.clone_instance(args.task_id, parse_sets(args.set), args.task_name, args.queue)
+        launched = clearml_io.clone_instance(args.task_id, parse_sets(args.set), args.task_name, args.queue,
+                                             container)
         report(launched, "cloned")
         return 0
     if args.command == "export":

@@ -21,13 +21,16 @@ class ModelLoader:
     """Owns the loader thread; `start()` and `join()` are its whole lifecycle."""
 
     def __init__(self, config: AppConfig, spec: ModelSpec, model_id: str, lifecycle: Lifecycle,
-                 store: RemoteStore | None, on_loaded: Callable[[], None]) -> None:
+                 store: RemoteStore | None, on_loaded: Callable[[], None], gpus: Callable[[], int],
+                 on_gpu_offload: Callable[[str], object]) -> None:
         self.config = config
         self.spec = spec
         self.model_id = model_id
         self.lifecycle = lifecycle
         self.store = store
         self.on_loaded = on_loaded  # runs just before the app turns ready (the idle clock starts there)
+        self.gpus = gpus  # how many GPUs this machine has (NVML, through the hardware sampler)
+        self.on_gpu_offload = on_gpu_offload  # what the task's "GPU offload" property should say
         self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
 
     def start(self) -> None:
@@ -39,10 +42,20 @@ class ModelLoader:
 
     def _load(self) -> None:
         from app.engine.engine import load_engine  # llama.cpp is imported here, off the start-up path
+        from app.engine.model import gpu_offload_problem
 
         try:
             path = fetch(self.spec, self.config.hf_token, self.store)
             log.info("model file: %s", inspect_gguf(path).summary())
+            gpus = self.gpus()
+            problem = gpu_offload_problem(self.config.n_gpu_layers, gpus)
+            if problem:
+                log.error("GPU offload: %s", problem)
+            elif gpus == 0:
+                problem = "no GPU on this machine: CPU only"
+            elif self.config.n_gpu_layers == 0:
+                problem = "off: Number of GPU Layers is 0"
+            self.on_gpu_offload(problem or f"up to {self.config.n_gpu_layers} layers on {gpus} GPU(s)")
             engine = load_engine(self.config.engine_settings(path, self.model_id,
                                                              verbose=log.isEnabledFor(logging.DEBUG)))
         except ModelSourceError as exc:

@@ -19,7 +19,7 @@ from app.api.context import ServingContext
 from app.clearml.endpoint import EndpointRegistration, model_references
 from app.clearml.session import DEFAULT_PROJECT, DEFAULT_TASK_NAME, AppTask, offline_requested, private_host
 from app.clearml.storage import ClearMLStorage
-from app.endpoint import IDLE_TIME, LAST_ACTION, STATUS, EndpointInfo, local_url
+from app.endpoint import GPU_OFFLOAD, IDLE_TIME, LAST_ACTION, STATUS, EndpointInfo, local_url
 from app.lifecycle import Lifecycle, State
 from app.loader import ModelLoader
 from app.server import bind_socket, serve
@@ -160,7 +160,7 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
         task.register_abort(lambda: lifecycle.request_stop("aborted from the ClearML UI"))
     log.info("status: %s", State.LOADING.value)
     try:
-        sock = bind_socket(config.host, config.port)
+        sock = bind_socket(config.host, config.port, any_free_port=task is not None and task.running_remotely)
     except OSError as exc:
         lifecycle.fail(str(exc))
         return finish(task, lifecycle)
@@ -179,7 +179,9 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
     reporter = Reporter(context.stats, context.hardware, context.history, lifecycle, lifecycle.note_activity, task,
                         config.last_action_report_interval_sec, endpoint=registration)
     loader = ModelLoader(config, spec, model_id, lifecycle, ClearMLStorage() if task is not None else None,
-                         on_loaded=context.stats.restart_idle_clock)
+                         on_loaded=context.stats.restart_idle_clock,
+                         gpus=lambda: len(context.hardware.latest().gpus),
+                         on_gpu_offload=lambda text: task.set_properties(**{GPU_OFFLOAD: text}) if task else None)
     loader.start()
     reporter.start()
     watchdog.start()

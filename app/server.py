@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import socket
@@ -20,13 +21,24 @@ log = logging.getLogger(__name__)
 KEEP_ALIVE_S = 5
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind before serving so port 0 resolves to a real port we can report."""
+def bind_socket(host: str, port: int, any_free_port: bool = False) -> socket.socket:
+    """Bind before serving so port 0 resolves to a real port we can report.
+
+    With `any_free_port` (under an agent, where one machine may run several instances on host networking) a
+    taken port falls back to a free one, said in one line; the caller publishes the port actually bound.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if not (any_free_port and port and exc.errno == errno.EADDRINUSE):
+                raise
+            sock.bind((host, 0))
+            log.warning("port %d is taken on this machine: listening on free port %d instead", port,
+                        sock.getsockname()[1])
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -63,6 +63,8 @@ def test_offline_task_story_and_idle_shutdown(tmp_path: Path) -> None:
     assert props["API base"].startswith("http://localhost:") and props["API base"].endswith("/v1")
     assert props["API key"] == API_KEY
     assert "curl" in props["test command"]
+    assert props["GPU offload"] == "no GPU on this machine: CPU only"
+    assert props["last action"].endswith("+00:00")  # ISO 8601 in UTC: no guessing the agent's time zone
 
     scalars = [e for e in read_events(session / "metrics.jsonl") if e.get("type") == "training_stats_scalar"]
     last_action = [e for e in scalars if e["metric"] == "last action"]

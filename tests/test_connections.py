@@ -253,3 +253,21 @@ def test_the_descriptor_limit_is_raised_and_the_cap_kept_below_it() -> None:
     assert connection_cap(1024) == 1024 - FD_RESERVE == 896
     assert connection_cap(100) == 1
     assert connection_cap(10**6) == 4096
+
+
+def test_a_taken_port_falls_back_to_a_free_one_only_when_asked() -> None:
+    import pytest
+
+    from app.server import bind_socket
+
+    taken = bind_socket("127.0.0.1", 0)
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            bind_socket("127.0.0.1", port)
+        fallback = bind_socket("127.0.0.1", port, any_free_port=True)
+        assert fallback.getsockname()[1] not in (0, port)
+        fallback.close()
+    finally:
+        taken.close()

@@ -127,3 +127,11 @@ def test_dashboard_polling_is_not_activity(dash_app: AppProcess) -> None:
         assert httpx.get(dash_app.url + "/dashboard/data", headers={"X-Api-Key": API_KEY}).status_code == 200
     assert httpx.get(dash_app.url + "/dashboard/data").status_code == 401
     assert idle_seconds(dash_app) >= before + 0.5  # the idle clock kept running
+
+
+def test_the_page_fetches_relative_paths_so_a_gateway_prefix_works() -> None:
+    from app.api.dashboard import page
+
+    html = page()
+    assert 'fetch("dashboard/status"' in html and 'fetch("dashboard/data"' in html
+    assert 'fetch("/' not in html  # an absolute path would escape a gateway route's prefix

@@ -183,3 +183,16 @@ def test_greedy_chain_picks_the_argmax_and_seeds_repeat(engine: LlamaEngine) -> 
     assert greedy == argmax
     seeded = [run(SamplingParams(temperature=1.5, seed=42))[0] for _ in range(3)]
     assert len(set(seeded)) == 1
+
+
+def test_a_build_that_cannot_offload_says_so_when_gpu_layers_are_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llama_cpp
+
+    from app.engine.model import gpu_offload_problem
+
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
+    problem = gpu_offload_problem(9999, 2)
+    assert problem is not None and "runs on the CPU" in problem and "GGML_CUDA=on" in problem
+    assert gpu_offload_problem(0, 2) is None and gpu_offload_problem(9999, 0) is None
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    assert gpu_offload_problem(9999, 2) is None

@@ -152,3 +152,39 @@ def test_shipped_example_configs_cover_the_common_cases() -> None:
     assert configs["gpu-long-context"].n_gpu_layers == 9999 and configs["gpu-long-context"].n_ctx >= 32768
     assert configs["clearml-model"].model and len(configs["clearml-model"].model) == 32
     assert configs["huggingface"].model.count("/") >= 2
+
+
+@pytest.mark.parametrize("extra,image,args_has,script_has", [
+    ([], "python:3.11-bookworm", "--network host", "build-essential cmake"),
+    (["--profile", "gpu"], "nvidia/cuda:12.4.1-devel-ubuntu22.04", "-DGGML_CUDA=on", "python3-venv"),
+    (["--profile", "gpu", "--docker-image", "my/cuda:1", "--docker-args", "--gpus 1 --network host"], "my/cuda:1",
+     "--gpus 1", "python3-venv"),
+])
+def test_each_profile_writes_its_container(double: RunningDouble, tmp_path: Path, extra: list[str], image: str,
+                                           args_has: str, script_has: str) -> None:
+    out = cli(double, tmp_path, "launch", "--model", "org/repo/m.gguf", "--repo", "https://git.example/x.git",
+              "--branch", "main", *extra)
+    assert out.returncode == 0, out.stderr
+    container = only_task(double)["container"]
+    assert container["image"] == image
+    assert args_has in container["arguments"]
+    assert script_has in container["setup_shell_script"]
+
+
+def test_a_clone_keeps_or_replaces_the_container(double: RunningDouble, tmp_path: Path) -> None:
+    assert cli(double, tmp_path, "launch", "--model", "demo", "--profile", "gpu", "--repo",
+               "https://git.example/x.git", "--branch", "main").returncode == 0
+    source = only_task(double)
+    assert cli(double, tmp_path, "clone", source["id"]).returncode == 0
+    assert cli(double, tmp_path, "clone", source["id"], "--profile", "cpu").returncode == 0
+    kept, replaced = [t for t in double.double.tasks.values() if t["id"] != source["id"]]
+    assert kept["container"]["image"] == source["container"]["image"] == "nvidia/cuda:12.4.1-devel-ubuntu22.04"
+    assert replaced["container"]["image"] == "python:3.11-bookworm"
+
+
+def test_an_unknown_queue_creates_nothing(double: RunningDouble, tmp_path: Path) -> None:
+    out = cli(double, tmp_path, "launch", "--model", "demo", "--queue", "nope", "--repo",
+              "https://git.example/x.git", "--branch", "main")
+    assert out.returncode == 1
+    assert "no queue named 'nope'" in out.stderr and "default" in out.stderr
+    assert double.double.tasks == {}

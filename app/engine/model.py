@@ -20,6 +20,16 @@ from app.engine.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 
+def gpu_offload_problem(n_gpu_layers: int, gpus: int) -> str | None:
+    """Why asked-for GPU layers would silently run on the CPU, or None: a GPU is here and layers are asked for,
+    but this llama-cpp-python build cannot offload (a CPU-only wheel)."""
+    if n_gpu_layers <= 0 or gpus <= 0 or llama_cpp.llama_supports_gpu_offload():
+        return None
+    return (f"{gpus} GPU(s) on this machine and {n_gpu_layers} GPU layers asked for, but this llama-cpp-python "
+            "build cannot offload to a GPU: the model runs on the CPU. Build it with CMAKE_ARGS=-DGGML_CUDA=on "
+            "(the gpu profile of app.instances does)")
+
+
 class LlamaModel:
     """A loaded model with a batched generation context."""
 
