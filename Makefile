@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-test.txt setup.cfg | cksum | cut -d' ' -f1)
 PORT ?= 8080
 
-.PHONY: install browser demo test bench bench-peers clean
+.PHONY: install browser demo test test-agent bench bench-peers clean
 
 $(STAMP): requirements.txt requirements-test.txt setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,21 @@ test: install browser
 	$(BIN)/python -m mypy app
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The published clearml-agent (`execute`, venv mode) runs a launched instance against the REST double
+# (tests/test_agent.py). The agent gets a venv of its own, never the app's; its venv cache stays in .cache.
+AGENT := .cache/agent
+AGENT_VERSION := 3.0.3
+AGENT_STAMP := $(AGENT)/.installed-clearml-agent-$(AGENT_VERSION)
+
+$(AGENT_STAMP):
+	test -x $(AGENT)/bin/python || $(PYTHON) -m venv $(AGENT)
+	$(AGENT)/bin/python -m pip install -q clearml-agent==$(AGENT_VERSION)
+	rm -f $(AGENT)/.installed-*
+	touch $(AGENT_STAMP)
+
+test-agent: install $(AGENT_STAMP)
+	CLEARML_AGENT_BIN=$(CURDIR)/$(AGENT)/bin/clearml-agent $(BIN)/python -m pytest -q -m agent tests/test_agent.py
 
 # Side-by-side benchmark (scripts/bench.py); peers that are not built are reported as skipped.
 bench: install
