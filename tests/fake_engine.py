@@ -11,6 +11,7 @@ from collections import deque
 from typing import Any
 
 from app.engine.text import TextStream
+from app.engine.toolcalls import ChatFormat, detect_format
 from app.engine.types import (
     ChatPrompt,
     ContextLengthError,
@@ -40,11 +41,17 @@ class FakeEngine:
         self.cancelled: list[GenerationRequest] = []
         self.in_system = 0
         self.closed = False
+        self.chat_format = detect_format(None)  # ChatML: no tool-call syntax
         self.aborted: EngineUnavailableError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     # prompts
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> ChatPrompt:
+    @property
+    def output_format(self) -> ChatFormat:
+        return self.chat_format
+
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> ChatPrompt:
         text = "".join(f"<{m['role']}>{m.get('content') or ''}" for m in messages) + "<assistant>"
         return ChatPrompt(self.tokenize(text), ["<end>"])
 

@@ -100,6 +100,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
+    if first.get("type") == "unsupported_field":
+        field = str((first.get("ctx") or {}).get("field"))
+        return f"{field}: this server does not support this field", field
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":

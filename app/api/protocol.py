@@ -20,7 +20,9 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16
 MAX_STOP = 4
@@ -108,21 +110,94 @@ class SamplingFields(_TopRequest):
         return _check_stop(value)
 
 
+# Fields clients send out of habit that change nothing here: accepted and ignored. Any other field this server
+# does not implement is refused with a 400 naming it, never silently dropped.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
+
+
+class _Strict(_TopRequest):
+    """A request body whose unknown fields are refused (except IGNORED_FIELDS)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _known_fields_only(self) -> _Strict:
+        unknown = sorted(k for k in (self.model_extra or {}) if k not in IGNORED_FIELDS)
+        if unknown:
+            raise PydanticCustomError("unsupported_field", "{field}: this server does not support this field",
+                                      {"field": unknown[0]})
+        return self
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(_Request):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class FunctionDef(_Request):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Bool | None = None
+
+
+class ToolDef(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+MAX_TOOLS = 128
+
+
+class ChatCompletionRequest(SamplingFields, _Strict):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: Bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Bool = True
+    logit_bias: dict[str, Float] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys are token ids (got {key[:40]!r})")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are between -100 and 100 (got {bias} for token {key})")
+        return value
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, _Strict):
     prompt: str | list[str] | list[Int] | list[list[Int]]
     echo: Bool = False
     logprobs: Int | None = Field(None, ge=0, le=5)
@@ -193,10 +268,53 @@ class ChatLogprobs(_Response):
     refusal: str | None = None
 
 
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class FunctionCallDelta(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCallDelta(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChatMessageOut(_Response):
+    """The assistant's message; `reasoning_content` and `tool_calls` appear only when there are some."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _optional_parts(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for key in ("reasoning_content", "tool_calls"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class ChatDelta(_Response):
@@ -204,6 +322,8 @@ class ChatDelta(_Response):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _only_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

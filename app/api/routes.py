@@ -93,8 +93,8 @@ def api_router() -> APIRouter:
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = engine_of(request)
-        specs = await serving.build_chat(engine, body)
-        shape = serving.ChatShape(engine.model_id, body.logprobs, include_usage(body))
+        specs, parsing = await serving.build_chat(engine, body)
+        shape = serving.ChatShape(engine.model_id, body.logprobs, include_usage(body), parsing)
         return await generate(request, engine, specs, body.stream, shape, "n")
 
     @router.post("/v1/completions", response_model=None)

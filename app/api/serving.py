@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -31,12 +32,18 @@ from app.api.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    FunctionCallDelta,
+    FunctionCallOut,
     LogprobEntry,
     SamplingFields,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprobEntry,
     UsageInfo,
 )
+from app.api.tools import OutputParsing, forced_grammar, plan_tools
 from app.engine.sampling import grammar_for_response_format
+from app.engine.toolcalls import StreamEvent, StreamParser, parse_output
 from app.engine.types import Delta, EngineError, EngineProtocol, Finish, GenerationRequest, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -89,10 +96,18 @@ def check_token_ids(engine: EngineProtocol, tokens: list[int], param: str) -> li
     return [int(t) for t in tokens]
 
 
-async def build_chat(engine: EngineProtocol, body: ChatCompletionRequest) -> list[ChoiceSpec]:
+async def build_chat(engine: EngineProtocol, body: ChatCompletionRequest) -> tuple[list[ChoiceSpec], OutputParsing]:
+    plan = plan_tools(engine.output_format, body)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    prompt = await asyncio.to_thread(engine.chat_prompt, messages)
-    grammar = await asyncio.to_thread(grammar_for_response_format, body.response_format)
+    kwargs = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort is not None:
+        kwargs.setdefault("reasoning_effort", body.reasoning_effort)
+    prompt = await asyncio.to_thread(engine.chat_prompt, messages, plan.tools, kwargs)
+    if plan.forced is not None:
+        grammar = await asyncio.to_thread(forced_grammar, plan, body.parallel_tool_calls, prompt.opens_reasoning)
+    else:
+        grammar = await asyncio.to_thread(grammar_for_response_format, body.response_format)
+    bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(requested, len(prompt.tokens), engine.n_ctx_seq)
     top = None
@@ -101,9 +116,14 @@ async def build_chat(engine: EngineProtocol, body: ChatCompletionRequest) -> lis
     elif body.top_logprobs is not None:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     stop = list(body.stop or []) + [s for s in prompt.stop if s not in (body.stop or [])]
-    return [ChoiceSpec(0, GenerationRequest(prompt.tokens, max_tokens, sampling_of(body, i, grammar), stop, top,
-                                            body.ignore_eos))
-            for i in range(body.n)]
+    specs = []
+    for i in range(body.n):
+        sampling = sampling_of(body, i, grammar)
+        sampling.logit_bias = bias
+        request = GenerationRequest(prompt.tokens, max_tokens, sampling, stop, top, body.ignore_eos,
+                                    render_special=plan.parsing.active)
+        specs.append(ChoiceSpec(0, request))
+    return specs, dataclasses.replace(plan.parsing, opens_reasoning=prompt.opens_reasoning)
 
 
 async def build_completion(engine: EngineProtocol, body: CompletionRequest) -> list[ChoiceSpec]:
@@ -189,7 +209,17 @@ class Shape(abc.ABC):
 
 
 class ChatShape(Shape):
+    """Chat completions; with `parsing` active, each choice's text is split into content, reasoning_content and
+    tool_calls, whole (parse_output) or as deltas (a StreamParser per choice): the same result either way."""
+
     id_prefix = "chatcmpl"
+
+    def __init__(self, model: str, want_logprobs: bool, include_usage: bool,
+                 parsing: OutputParsing | None = None) -> None:
+        super().__init__(model, want_logprobs, include_usage)
+        self.parsing = parsing if parsing is not None and parsing.active else None
+        self._parsers: dict[int, StreamParser] = {}
+        self._called: set[int] = set()  # choices that started a tool call
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.ids.id, created=self.ids.created, model=self.ids.model,
@@ -197,15 +227,58 @@ class ChatShape(Shape):
         return sse(chunk.model_dump_json(exclude=None if self.include_usage else {"usage"}))
 
     def opening(self, choice: Choice) -> str | None:
+        if self.parsing is not None:
+            self._parsers[choice.index] = StreamParser(self.parsing.format(), reasoning=self.parsing.reasoning,
+                                                       prompt_opens_reasoning=self.parsing.opens_reasoning)
         return self._chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
 
     def delta(self, choice: Choice, event: Delta) -> str:
         lp = chat_logprobs(event.logprobs) if self.want_logprobs else None
-        return self._chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=event.text), logprobs=lp)])
+        parser = self._parsers.get(choice.index)
+        if parser is None:
+            return self._chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=event.text),
+                                                logprobs=lp)])
+        return self._events(choice.index, parser.feed(event.text), lp)
 
     def closing(self, choice: Choice, finish: Finish) -> str:
-        return self._chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(),
-                                            finish_reason=finish_reason(finish))])
+        parser = self._parsers.get(choice.index)
+        head = self._events(choice.index, parser.finish(), None) if parser is not None else ""
+        reason = finish_reason(finish)
+        if choice.index in self._called and reason == "stop":
+            reason = "tool_calls"
+        return head + self._chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=reason)])
+
+    def _events(self, index: int, events: list[StreamEvent], logprobs: ChatLogprobs | None) -> str:
+        """One chunk per parser event (content, reasoning, a call's start, an arguments fragment)."""
+        out = []
+        for ev in events:
+            if ev.kind == "content":
+                delta = ChatDelta(content=ev.text)
+            elif ev.kind == "reasoning":
+                delta = ChatDelta(reasoning_content=ev.text)
+            elif ev.kind == "tool_call_start":
+                self._called.add(index)
+                delta = ChatDelta(tool_calls=[ToolCallDelta(index=ev.index, id=ev.id, type="function",
+                                                            function=FunctionCallDelta(name=ev.name, arguments=""))])
+            else:
+                delta = ChatDelta(tool_calls=[ToolCallDelta(index=ev.index,
+                                                            function=FunctionCallDelta(arguments=ev.text))])
+            out.append(self._chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)]))
+            logprobs = None  # the token's log-probabilities go with its first chunk
+        return "".join(out)
+
+    def _message(self, choice: Choice) -> tuple[ChatMessageOut, str | None]:
+        reason = finish_reason(choice.finish)
+        if self.parsing is None:
+            return ChatMessageOut(content=choice.text), reason
+        parsed = parse_output(self.parsing.format(), choice.text, reasoning=self.parsing.reasoning,
+                              prompt_opens_reasoning=self.parsing.opens_reasoning)
+        calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+                 for c in parsed.tool_calls]
+        if calls and reason == "stop":
+            reason = "tool_calls"
+        content = parsed.content if parsed.content or not calls else None
+        return ChatMessageOut(content=content, reasoning_content=parsed.reasoning, tool_calls=calls or None), reason
 
     def usage_chunk(self, usage: UsageInfo) -> str:
         return self._chunk([], usage)
@@ -213,9 +286,10 @@ class ChatShape(Shape):
     def response(self, choices: list[Choice]) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=self.ids.id, created=self.ids.created, model=self.ids.model, usage=usage_of(choices),
-            choices=[ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
+            choices=[ChatChoice(index=c.index, message=message,
                                 logprobs=chat_logprobs(c.logprobs) if self.want_logprobs else None,
-                                finish_reason=finish_reason(c.finish)) for c in choices])
+                                finish_reason=reason)
+                     for c in choices for message, reason in [self._message(c)]])
 
 
 class CompletionShape(Shape):
@@ -272,12 +346,14 @@ async def stream(choice_set: ChoiceSet, shape: Shape) -> AsyncIterator[str]:
     try:
         for c in choice_set.choices:
             opening = shape.opening(c)
-            if opening is not None:
+            if opening:
                 yield opening
         async for c, event in choice_set.events():
             if isinstance(event, Delta):
                 if event.text or (shape.want_logprobs and event.logprobs):
-                    yield shape.delta(c, event)
+                    text = shape.delta(c, event)
+                    if text:
+                        yield text
             elif event.error is not None:
                 yield stream_error(event.error)
                 return

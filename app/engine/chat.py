@@ -8,6 +8,7 @@ one. A GGUF without a template gets ChatML, as llama.cpp's server does, and
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +68,11 @@ class ChatTemplate:
     eos_token: str
 
     def __post_init__(self) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined)
+        # Released templates use loop controls ({% break %}) and expect tojson to write plain JSON (jinja2's own
+        # escapes <, > and & for HTML, which would change the prompt the model was trained on).
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = plain_tojson
 
         def raise_exception(message: str) -> None:
             raise ChatTemplateError(message)
@@ -82,18 +87,29 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise ValueError(f"chat template {self.name!r} does not compile: {exc}") from None
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None, kwargs: dict[str, Any] | None = None) -> str:
+        """The prompt text; `tools` (OpenAI function tools) and `kwargs` (chat_template_kwargs, e.g.
+        enable_thinking) reach the template as its authors intended."""
+        variables: dict[str, Any] = dict(kwargs or {})
+        variables.update(messages=messages, add_generation_prompt=add_generation_prompt,
+                         bos_token=self.bos_token, eos_token=self.eos_token)
+        if tools:
+            variables["tools"] = tools
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-            )
+            return self._template.render(**variables)
         except ChatTemplateError:
             raise
         except Exception as exc:  # a template is user data: any failure is a bad request, not a crash
             raise ChatTemplateError(f"chat template failed on these messages: {exc}") from None
+
+
+def plain_tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, separators: Any = None,
+                 sort_keys: bool = False) -> str:
+    """tojson as the templates' authors ran it (Python's json.dumps, as transformers and llama.cpp's minja do)."""
+    if separators is not None:
+        separators = tuple(separators)
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
 
 
 def select_template(chat_format: str, model_template: str | None, bos: str, eos: str) -> ChatTemplate:
@@ -127,4 +143,26 @@ def flatten_content(content: Any) -> str:
             texts.append(str(part.get("text", "")))
         else:
             texts.append(str(part))
-    return "".join(texts)
+    return "\n".join(texts)  # parts of one message are separate blocks of text, as llama.cpp's server joins them
+
+
+def template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI message as chat templates expect it: text content, tool-call arguments as objects."""
+    out = dict(message, content=flatten_content(message.get("content")))
+    calls = message.get("tool_calls")
+    if calls:
+        out["tool_calls"] = [dict(call, function=dict(call.get("function") or {},
+                                                      arguments=_arguments(call.get("function") or {})))
+                             for call in calls]
+    return out
+
+
+def _arguments(function: dict[str, Any]) -> Any:
+    """OpenAI sends arguments as a JSON string; templates render them as an object (`| tojson`, `.items()`)."""
+    raw = function.get("arguments", "{}")
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw or "{}")
+    except json.JSONDecodeError:
+        return raw

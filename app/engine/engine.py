@@ -11,8 +11,10 @@ from typing import Any
 
 import llama_cpp
 
-from app.engine.chat import ChatTemplate, flatten_content, select_template
+from app.engine.chat import ChatTemplate, select_template, template_message
+from app.engine.formats import choose_output_format
 from app.engine.model import LlamaModel
+from app.engine.reasoning import prompt_opens_reasoning
 from app.engine.sampling import SamplerChain
 from app.engine.scheduler import Scheduler
 from app.engine.settings import EngineSettings
@@ -41,6 +43,7 @@ class LlamaEngine:
         self.embeddings_enabled = options.embeddings
         self.template: ChatTemplate = select_template(
             options.chat_format, self.model.chat_template(), self.model.bos_text(), self.model.eos_text())
+        self.output_format = choose_output_format(options.tool_format, options.reasoning_format, self.template)
         self.scheduler = Scheduler(self.model, options.parallel, options.max_queue, options.n_batch)
         self.n_ctx_seq = self.scheduler.n_ctx_seq
         self.capacity = self.scheduler.capacity
@@ -48,16 +51,19 @@ class LlamaEngine:
 
     # --- prompts ----------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> ChatPrompt:
-        """Render and tokenize a chat; returns tokens and the template's stop strings."""
-        flat = [dict(m, content=flatten_content(m.get("content"))) for m in messages]
-        text = self.template.render(flat, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> ChatPrompt:
+        """Render and tokenize a chat (with its tools and template options); returns tokens, the template's
+        stop strings and whether the prompt leaves the model inside a reasoning span."""
+        flat = [template_message(m) for m in messages]
+        text = self.template.render(flat, add_generation_prompt=True, tools=tools, kwargs=template_kwargs)
         # The template writes BOS itself when the model wants it; parse its special tokens.
         tokens = self.model.tokenize(text, add_special=False, parse_special=True)
         if self.template.bos_token and not text.startswith(self.template.bos_token) and \
                 llama_cpp.llama_vocab_get_add_bos(self.model.vocab):
             tokens = [llama_cpp.llama_vocab_bos(self.model.vocab)] + tokens
-        return ChatPrompt(tokens, list(self.template.stop))
+        opens = self.output_format.reasoning and prompt_opens_reasoning(text, self.output_format.reasoning_markers)
+        return ChatPrompt(tokens, list(self.template.stop), opens_reasoning=opens)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)

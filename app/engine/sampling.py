@@ -73,6 +73,14 @@ class SamplerChain:
                     raise InvalidRequestError("the grammar for response_format could not be compiled",
                                               param="response_format")
                 add(grammar)
+            if params.logit_bias:
+                for token in params.logit_bias:
+                    if not 0 <= token < n_vocab:
+                        raise InvalidRequestError(f"logit_bias: token id {token} is outside the vocabulary "
+                                                  f"(0..{n_vocab - 1})", param="logit_bias")
+                biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(
+                    *(llama_cpp.llama_logit_bias(token, bias) for token, bias in params.logit_bias.items()))
+                add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
             if params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0:
                 add(llama_cpp.llama_sampler_init_penalties(
                     n_vocab, PENALTY_LAST_N, params.repeat_penalty,

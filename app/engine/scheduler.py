@@ -460,7 +460,7 @@ class Scheduler:
             self._finish(slot, "stop")
             return
         slot.held_tokens.append(token)
-        text = slot.text.push(self.model.token_bytes(token))
+        text = slot.text.push(self.model.token_bytes(token, special=req.render_special))
         if text or slot.text.stopped:
             handle.emit(Delta(text, slot.held_tokens, slot.held_logprobs))
             slot.held_tokens = []

@@ -20,4 +20,6 @@ class EngineSettings:
     max_queue: int
     embeddings: bool
     chat_format: str
+    tool_format: str  # "auto" (from the template) or a family name (app.engine.toolcalls)
+    reasoning_format: str  # "auto" (split <think> spans where the format has them) or "none"
     verbose: bool = False

@@ -65,6 +65,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     seed: int | None = None
     grammar: str | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100 bans it)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
     ignore_eos: bool = False
+    render_special: bool = False  # write control tokens as text ([TOOL_CALLS], <|python_tag|>) for the output parser
 
 
 @dataclass
@@ -100,6 +102,7 @@ class ChatPrompt:
 
     tokens: list[int]
     stop: list[str]
+    opens_reasoning: bool = False  # the generation prompt ends inside a <think> span (Qwen3, DeepSeek-R1)
 
 
 @dataclass
@@ -174,7 +177,10 @@ class EngineProtocol(Protocol):
     capacity: int  # requests held at once (sequences + queue): a request needing more can never be admitted
     embeddings_enabled: bool
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> ChatPrompt: ...
+    @property
+    def output_format(self) -> Any: ...  # app.engine.toolcalls.ChatFormat: how to read the model's output
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> ChatPrompt: ...
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]: ...
     def detokenize(self, tokens: list[int]) -> str: ...
     def token_piece(self, token: int) -> str: ...
