@@ -152,3 +152,14 @@ def test_a_named_tool_choice_must_be_one_of_the_tools(client: openai.OpenAI) -> 
         client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER],  # type: ignore[arg-type, list-item]
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
     assert err.value.body["param"] == "tool_choice"  # type: ignore[index]
+
+
+def test_the_readme_tools_example_runs(tool_app: AppProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "tools=[weather]" in b)
+    code = block.replace("http://localhost:8080/v1", tool_app.url + "/v1").replace("<the logged key>", API_KEY)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("get_weather {'city': ")
