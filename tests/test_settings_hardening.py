@@ -98,7 +98,7 @@ from app.engine.settings import EngineSettings
 n_ctx, n_batch, parallel = map(int, sys.argv[2:5])
 LlamaModel(EngineSettings(path=sys.argv[1], model_id="probe", n_ctx=n_ctx, n_batch=n_batch, n_threads=2,
                           n_gpu_layers=0, parallel=parallel, max_queue=0, embeddings=False,
-                          chat_format="auto")).close()
+                          chat_format="auto", tool_format="auto", reasoning_format="auto")).close()
 print("LOADED")
 """
 
