@@ -97,6 +97,11 @@ class AppConfig(BaseModel):
         "Address to bind; 0.0.0.0 for all interfaces.",
     )
     port: int = _field(8080, ADVANCED, "Port", "TCP port to listen on; 0 picks a free port.", ge=0, le=65535)
+    static_route: str = _field(
+        "", ADVANCED, "Gateway Static Route",
+        "Under an agent on a server with the AI Application Gateway: a load-balanced route name shared by replicas; "
+        "empty = a route of its own.",
+    )
     n_ctx: int = _field(
         8192, ADVANCED, "Context Size",
         "Total context (KV cache) in tokens, shared by the parallel sequences: each sequence may use n_ctx / parallel, "

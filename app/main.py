@@ -10,16 +10,17 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 from app import config as cfg
 from app.api.app import create_app
 from app.api.auth import generate_key
 from app.api.context import ServingContext
-from app.clearml.endpoint import EndpointRegistration, model_references
-from app.clearml.session import DEFAULT_PROJECT, DEFAULT_TASK_NAME, AppTask, offline_requested, private_host
+from app.clearml.endpoint import EndpointRegistration, model_references, published_endpoint
+from app.clearml.session import DEFAULT_PROJECT, DEFAULT_TASK_NAME, AppTask, offline_requested
 from app.clearml.storage import ClearMLStorage
-from app.endpoint import GPU_OFFLOAD, IDLE_TIME, LAST_ACTION, STATUS, EndpointInfo, local_url
+from app.endpoint import GPU_OFFLOAD, IDLE_TIME, LAST_ACTION, STATUS, EndpointInfo
 from app.lifecycle import Lifecycle, State
 from app.loader import ModelLoader
 from app.server import bind_socket, serve
@@ -31,6 +32,9 @@ log = logging.getLogger("app")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+# Past the drain timeout, what a shutdown may still take: ending streams that outlast the drain (3 s), the
+# reporter's join (10 s), the loader's (60 s) and ClearML's last words (20 s). An abort from the UI waits this long.
+SHUTDOWN_MARGIN_S = 100.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,11 +142,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.check_runnable(config)
     except cfg.ConfigError as exc:
         report_failure(task, str(exc))
-        return EXIT_CONFIG
+        return leave(task, EXIT_CONFIG)
     try:
-        return run(config, task, args.drain_timeout_sec, console)
+        code = run(config, task, args.drain_timeout_sec, console)
     finally:
         logging.getLogger().removeHandler(console)
+    return leave(task, code)
+
+
+def leave(task: AppTask | None, code: int) -> int:
+    """The exit code. When ClearML stopped answering at shutdown, the process exits here and now: the SDK's exit
+    hook would retry the unreachable server for hours (a 503 forever), keeping an idle machine up."""
+    if task is not None and task.abandoned:
+        # Not logging.shutdown(): it would join the SDK's log thread, which waits on the server too.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, console: ConsoleTail) -> int:
@@ -150,6 +166,7 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
     spec = config.model_spec()  # checked by check_runnable: parses
     model_id = config.served_name
     lifecycle = Lifecycle()
+    finished = threading.Event()  # set when `finish` is done: an abort from the UI waits for it
     context = ServingContext(lifecycle, config.api_key or generate_key(), model_id, console=console)
     if task is not None:
         task.connect_config(config)
@@ -157,16 +174,17 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
         task.set_properties(**{STATUS: State.LOADING.value, **EndpointInfo(model=model_id).properties(),
                                IDLE_TIME: "0", LAST_ACTION: ""})
         lifecycle.subscribe(lambda state: task.set_properties(**{STATUS: state.shown}))
-        task.register_abort(lambda: lifecycle.request_stop("aborted from the ClearML UI"))
+        task.register_abort(lambda: lifecycle.request_stop("aborted from the ClearML UI"), finished,
+                            drain_timeout_s + SHUTDOWN_MARGIN_S)
     log.info("status: %s", State.LOADING.value)
     try:
         sock = bind_socket(config.host, config.port, any_free_port=task is not None and task.running_remotely)
     except OSError as exc:
         lifecycle.fail(str(exc))
-        return finish(task, lifecycle)
+        return finish(task, lifecycle, finished)
     port = sock.getsockname()[1]
     log.info("listening on %s:%d", config.host, port)
-    context.endpoint = EndpointInfo.for_url(local_url(config.host, port, private_host()), context.api_key, model_id)
+    context.endpoint = published_endpoint(task, config.host, port, context.api_key, model_id, config.static_route)
     announce(context.endpoint)
     registration: EndpointRegistration | None = None
     if task is not None:
@@ -190,28 +208,30 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
     finally:
         watchdog.stop()
         reporter.stop()
-        if registration is not None:
-            registration.unregister()
         loader.join(timeout=60)
         if lifecycle.engine is not None:
             lifecycle.engine.close()
-    return finish(task, lifecycle)
+    return finish(task, lifecycle, finished, registration.unregister if registration is not None else None)
 
 
-def finish(task: AppTask | None, lifecycle: Lifecycle) -> int:
-    """Report the end of the story and pick the exit code."""
-    if lifecycle.finish() is State.FAILED:
-        report_failure(task, lifecycle.failure or "failed")
-        return EXIT_FAILED
-    if task is not None:
-        task.close()
-    return EXIT_OK
+def finish(task: AppTask | None, lifecycle: Lifecycle, finished: threading.Event,
+           unregister: Callable[[], None] | None = None) -> int:
+    """Report the end of the story and pick the exit code; `finished` is set once the task is closed (or, with
+    ClearML unreachable, given up on). Unregistering is one of the task's last words, inside its time budget."""
+    try:
+        if lifecycle.finish() is State.FAILED:
+            report_failure(task, lifecycle.failure or "failed", unregister)
+            return EXIT_FAILED
+        if task is not None:
+            task.close(before=unregister)
+        return EXIT_OK
+    finally:
+        finished.set()
 
 
-def report_failure(task: AppTask | None, cause: str) -> None:
+def report_failure(task: AppTask | None, cause: str, unregister: Callable[[], None] | None = None) -> None:
     """One error line with the cause, and the task marked failed."""
     log.error("failed: %s", cause)
     if task is not None:
         task.set_properties(**{STATUS: State.FAILED.value})
-        task.mark_failed(cause)
-        task.close()
+        task.close(before=unregister, failure=cause)

@@ -74,16 +74,16 @@ def test_offline_task_story_and_idle_shutdown(tmp_path: Path) -> None:
     series = {(e["metric"], e["variant"]) for e in scalars}
     expected = {("requests", "per interval"), ("requests", "total"), ("requests", "in flight"),
                 ("requests", "queued"), ("latency ms", "p50"), ("latency ms", "p95"), ("latency ms", "ttft p50"),
-                ("tokens", "per second"), ("tokens", "generated per interval"), ("cpu", "system %"),
-                ("cpu", "process %"), ("memory", "process GB"), ("memory", "system used GB"),
-                ("network", "rx MB/s"), ("network", "tx MB/s"), ("disk", "read MB/s"), ("disk", "write MB/s"),
-                ("last action", "seconds since")}
+                ("tokens", "per second"), ("tokens", "generated per interval"), ("last action", "seconds since"),
+                *((":monitor:machine", s) for s in ("cpu_usage", "memory_used_gb", "memory_free_gb",
+                                                     "disk_free_percent", "network_tx_mbs", "network_rx_mbs",
+                                                     "io_read_mbs", "io_write_mbs"))}
     assert expected <= series, expected - series
-    assert not any(title.startswith("gpu") for title, _ in series)  # no GPU on this machine
+    assert not any(title == ":monitor:gpu" for title, _ in series)  # no GPU on this machine
     p50 = [e["value"] for e in scalars if (e["metric"], e["variant"]) == ("latency ms", "p50")]
     assert p50 and all(1 < v < 10_000 for v in p50)  # 4-token completions on a 270M model
     assert sum(e["value"] for e in scalars if (e["metric"], e["variant"]) == ("requests", "per interval")) == 3
-    memory = [e["value"] for e in scalars if (e["metric"], e["variant"]) == ("memory", "process GB")]
+    memory = [e["value"] for e in scalars if (e["metric"], e["variant"]) == (":monitor:machine", "memory_used_gb")]
     assert all(0.1 < v < 8 for v in memory)
 
     console = "\n".join(e.get("msg", "") for e in read_events(session / "log.jsonl"))

@@ -75,7 +75,30 @@ def test_hardware_sampler_reuses_a_fresh_sample() -> None:
     second = sampler.latest()
     assert second is not first and second.memory_total_gb > 0
     names = {(t, s) for t, s, _ in scalar_series(second)}
-    assert {("cpu", "system %"), ("memory", "process GB"), ("network", "rx MB/s"), ("disk", "write MB/s")} <= names
+    # ClearML's own resource-monitor titles and series: the web UI's standard machine plots.
+    machine = {"cpu_usage", "memory_used_gb", "memory_free_gb", "disk_free_percent", "network_tx_mbs",
+               "network_rx_mbs", "io_read_mbs", "io_write_mbs"}
+    assert names == {(":monitor:machine", series) for series in machine}  # no GPU here: no :monitor:gpu
+
+
+def test_gpu_series_follow_clearml_monitor_names() -> None:
+    from app.telemetry.hardware import GPUSample, HardwareSample
+
+    sample = HardwareSample(at=0, cpu_system_pct=30, cpu_process_pct=50, memory_process_gb=0.5, memory_used_gb=6,
+                            memory_total_gb=16, cpu_per_core_pct=[20.0, 40.0], net_rx_mbs=0.1, net_tx_mbs=0.2,
+                            disk_read_mbs=1.5, disk_write_mbs=0.5, disk_free_pct=42.0,
+                            gpus=[GPUSample(0, "gpu", 75.0, 2.0, 8.0, 61.0, power_w=120.5),
+                                  GPUSample(1, "gpu", 5.0, 1.0, 8.0, 40.0)])
+    rows = {(t, s): v for t, s, v in scalar_series(sample)}
+    assert rows[(":monitor:machine", "memory_used_gb")] == 0.5  # this process, as ClearML's monitor reports it
+    assert rows[(":monitor:machine", "memory_free_gb")] == 10
+    assert rows[(":monitor:machine", "disk_free_percent")] == 42.0
+    assert rows[(":monitor:gpu", "gpu_0_utilization")] == 75.0
+    assert rows[(":monitor:gpu", "gpu_0_mem_usage")] == 25.0
+    assert rows[(":monitor:gpu", "gpu_0_mem_free_gb")] == 6.0
+    assert rows[(":monitor:gpu", "gpu_0_power_draw")] == 120.5
+    assert rows[(":monitor:gpu", "gpu_1_temperature")] == 40.0
+    assert (":monitor:gpu", "gpu_1_power_draw") not in rows  # not every GPU reports it
 
 
 @dataclass

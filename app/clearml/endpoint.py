@@ -1,12 +1,49 @@
-"""This instance as a row of the server's Model Endpoints table (open-source server 1.17+, API 2.31)."""
+"""Where users reach this instance: the address it publishes (the AI Application Gateway's route under an agent
+on an Enterprise server, else this machine's), and its row in the server's Model Endpoints table (open-source
+server 1.17+, API 2.31)."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from typing import Any
 
-from app.clearml.session import AppTask
+from app.clearml.session import AppTask, private_host
+from app.endpoint import EndpointInfo, local_url
 from app.telemetry.hardware import HardwareSample, machine_stats
+
+log = logging.getLogger(__name__)
+
+GATEWAY_WAIT_S = 90.0  # the SDK's default wait for the router to assign a route
+
+
+def published_endpoint(task: AppTask | None, host: str, port: int, api_key: str, model: str,
+                       static_route: str = "", gateway_wait_s: float = GATEWAY_WAIT_S) -> EndpointInfo:
+    """The endpoint users are given for a socket bound to `host`:`port`.
+
+    Under an agent, online, the gateway is asked for a route (`static_route`, or one of its own): the App URL is
+    its `browser_endpoint` (session-authenticated, for browsers) and the API base its `endpoint` + /v1. A server
+    without the gateway, a refused route or no route in time leaves this machine's address
+    (`CLEARML_AGENT_HOST_IP`, else the SDK's private IP), said in one warning. Locally no gateway is asked for.
+    """
+    direct = EndpointInfo.for_url(local_url(host, port, private_host()), api_key, model)
+    if task is None or task.offline or not task.running_remotely:
+        return direct
+    try:
+        assigned = task.request_external_endpoint(port, static_route or None, gateway_wait_s)
+    except Exception as exc:  # ValueError on an open-source server: no gateway there
+        log.warning("no AI Application Gateway route (%s): the endpoint might not be accessible from outside "
+                    "this network; publishing %s", exc, direct.app_url)
+        return direct
+    if not assigned or not assigned.get("endpoint"):
+        log.warning("the AI Application Gateway assigned no route within %.0f s: the endpoint might not be "
+                    "accessible from outside this network; publishing %s", gateway_wait_s, direct.app_url)
+        return direct
+    api = str(assigned["endpoint"]).rstrip("/")
+    log.info("AI Application Gateway route: %s", api)
+    return dataclasses.replace(EndpointInfo.for_url(api, api_key, model),
+                               app_url=str(assigned.get("browser_endpoint") or api))
 
 
 def model_references(spec_kind: str, spec: str) -> list[dict[str, str]]:

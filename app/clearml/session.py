@@ -1,8 +1,12 @@
-"""The app's ClearML task: start-up, configuration, properties, scalars, console, abort and close.
+"""The app's ClearML task: start-up, configuration, properties, scalars, console, gateway, abort and close.
 
 Every call that reaches ClearML goes through `AppTask`, which catches and logs failures so reporting can never
 take serving down. Each channel (properties, scalars, Model Endpoints calls, control) backs off on its own: a
 failing `serving.*` call never silences scalars or properties. The outage is logged once, and its end once.
+
+The SDK retries an unreachable server for hours (a 503 "maintenance" forever), so nothing that matters waits on
+it: property updates (status changes happen on uvicorn's event loop) go through the outbox thread, merged while
+one is on its way, and the last words at shutdown (unregister, final properties, close) get one time budget.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ DEFAULT_TASK_NAME = "llama.cpp endpoint"
 SERVING_API_VERSION = "2.31"
 RETRY_BASE_S = 5.0  # first retry after an outage starts; doubles up to RETRY_MAX_S
 RETRY_MAX_S = 300.0
+OUTBOX_POLL_S = 1.0  # how often the outbox looks again at updates kept back by a backoff
+CLOSE_BUDGET_S = 20.0  # the shutdown's ClearML calls together; past it the process exits without them
 
 
 def has_credentials() -> bool:
@@ -101,6 +107,12 @@ class AppTask:
         self._outage = False
         self._lock = threading.Lock()
         self._log_handler: logging.Handler | None = None
+        self._pending: dict[str, str] = {}  # property updates not yet sent, newest values
+        self._pending_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._outbox: threading.Thread | None = None  # None: updates are sent by the caller (unit tests)
+        self.abandoned = False  # the shutdown's calls ran out of time: leave without the SDK's exit hook
 
     # --- start-up ------------------------------------------------------------------
 
@@ -121,11 +133,14 @@ class AppTask:
             auto_resource_monitoring=False, auto_connect_streams=False,
         )
         app_task = cls(task, offline)
-        # The console is our log, forwarded record by record: nothing lost at a quick exit.
-        handler = TaskLogHandler(task)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-        app_task._log_handler = handler
+        if not app_task.running_remotely:
+            # The console is our log, forwarded record by record: nothing lost at a quick exit. Under an agent the
+            # agent forwards the process's own output, and the SDK would send WARNING and above a second time.
+            handler = TaskLogHandler(task)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger().addHandler(handler)
+            app_task._log_handler = handler
+        app_task.start_outbox()
         where = f"offline session {task.id}" if offline else f"task {task.id}"
         log.info("ClearML: %s", where)
         return app_task
@@ -186,28 +201,76 @@ class AppTask:
         return True
 
     def set_properties(self, **properties: Any) -> bool:
-        props = {k: ("" if v is None else str(v)) for k, v in properties.items()}
+        """Queue the update for the outbox (never waits on ClearML); without the outbox, send it now."""
+        with self._pending_lock:
+            self._pending.update({k: ("" if v is None else str(v)) for k, v in properties.items()})
+        if self._outbox is None:
+            return self._send_pending()
+        self._wake.set()
+        return True
+
+    def _send_pending(self, force: bool = False) -> bool:
+        """Send the queued updates in one call; kept (under newer values) for a later try when it fails."""
+        with self._pending_lock:
+            props, self._pending = self._pending, {}
+        if not props:
+            return True
 
         def update() -> None:
             self.task.set_user_properties(**props)
             if "status" in props and not self.offline:
                 set_runtime_status(self.task, props["status"])
-        return self._guard("properties", "property update", update)
+        sent = self._guard("properties", "property update", update, force=force)
+        if not sent:
+            with self._pending_lock:
+                self._pending = {**props, **self._pending}
+        return sent
+
+    def start_outbox(self) -> None:
+        self._outbox = threading.Thread(target=self._run_outbox, name="clearml-outbox", daemon=True)
+        self._outbox.start()
+
+    def _run_outbox(self) -> None:
+        while not self._closing.is_set():
+            self._wake.wait(OUTBOX_POLL_S)
+            self._wake.clear()
+            if not self._closing.is_set():
+                self._send_pending()
 
     def report_scalar(self, title: str, series: str, value: float, iteration: int) -> bool:
         return self._guard("scalars", "scalar report",
                            lambda: self.task.get_logger().report_scalar(title, series, float(value), iteration))
 
-    def register_abort(self, callback: Callable[[], None]) -> None:
+    def register_abort(self, request_stop: Callable[[], None], finished: threading.Event, wait_s: float) -> None:
+        """An abort from the web UI takes the shutdown path: ask for the stop, then wait (at most `wait_s`) until
+        `finished` says the run is over (drained, unregistered, `stopped`, task closed).
+
+        The SDK kills the process about 2 s after its abort callback returns, so the callback must outlast the
+        shutdown; once the task is closed the SDK's own kill stands down and the process exits with its own code.
+        """
         if self.offline:
             # Offline, ClearML's status poll reads the task as reset and would terminate us.
             return
-        self._guard("control", "abort callback registration", lambda: self.task.register_abort_callback(callback))
 
-    def mark_failed(self, cause: str) -> None:
-        if not self.offline:
-            self._guard("control", "failure report",
-                        lambda: self.task.mark_failed(status_reason=cause, status_message=cause), force=True)
+        def on_abort() -> None:
+            log.info("abort requested from the ClearML UI")
+            request_stop()
+            if not finished.wait(wait_s):
+                log.warning("shutdown still running %.0f s after the abort: ClearML ends the process now", wait_s)
+
+        # The SDK kills a callback still running at its timeout: give ours room to return by itself.
+        self._guard("control", "abort callback registration",
+                    lambda: self.task.register_abort_callback(on_abort, callback_execution_timeout=wait_s + 5.0))
+
+    # --- AI Application Gateway (Enterprise servers) ------------------------------------
+
+    def request_external_endpoint(self, port: int, static_route: str | None, wait_s: float) -> dict[str, Any] | None:
+        """The gateway's route to `port`: the SDK's dict with `endpoint` (API clients) and `browser_endpoint`,
+        or None when the router assigned none within `wait_s`. Raises ValueError on a server without the
+        gateway (the SDK checks the login token's feature set first), or for a static route it refuses."""
+        assigned = self.task.request_external_endpoint(port, protocol="http", wait=True,
+                                                       wait_timeout_seconds=wait_s, static_route=static_route)
+        return dict(assigned) if assigned else None
 
     # --- Model Endpoints table (open-source server 1.17+, API 2.31) -----------------------
 
@@ -233,10 +296,39 @@ class AppTask:
                 raise RuntimeError(f"serving.{action} answered HTTP {response.status_code}")
         return self._guard("serving", f"serving.{action}", call)
 
-    def close(self) -> None:
+    def close(self, before: Callable[[], Any] | None = None, failure: str | None = None,
+              budget_s: float = CLOSE_BUDGET_S) -> bool:
+        """The last words, in order, within `budget_s` altogether: `before` (unregistering), the queued
+        properties, the failure (`failure` marks the task failed), then the SDK's close (which flushes events).
+
+        False when ClearML did not answer in time: then `abandoned` is set, and the caller should exit without
+        the SDK's exit hook, which would retry the unreachable server for hours.
+        """
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
-        self._guard("control", "close", self.task.close, force=True)
+        self._closing.set()
+        self._wake.set()
+
+        def last_words() -> None:
+            if self._outbox is not None:
+                self._outbox.join()  # an update on its way lands first: ours must not be overwritten by it
+            if before is not None:
+                before()
+            self._send_pending(force=True)
+            if failure is not None and not self.offline:
+                self._guard("control", "failure report",
+                            lambda: self.task.mark_failed(status_reason=failure, status_message=failure), force=True)
+            if self._guard("control", "close", self.task.close, force=True):
+                log.info("ClearML task closed")
+
+        closer = threading.Thread(target=last_words, name="clearml-close", daemon=True)
+        closer.start()
+        closer.join(budget_s)
+        if closer.is_alive():
+            self.abandoned = True
+            log.warning("ClearML did not answer within %.0f s: exiting without closing the task", budget_s)
+            return False
+        return True
 
 
 class TaskLogHandler(logging.Handler):

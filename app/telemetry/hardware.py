@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -31,6 +32,7 @@ class GPUSample:
     memory_used_gb: float
     memory_total_gb: float
     temperature_c: float
+    power_w: float | None = None  # not every GPU reports its draw
 
 
 @dataclass
@@ -47,6 +49,7 @@ class HardwareSample:
     disk_read_mbs: float
     disk_write_mbs: float
     gpus: list[GPUSample] = field(default_factory=list)
+    disk_free_pct: float | None = None  # of the home directory's disk, as ClearML's monitor measures it
 
 
 class _NVML:
@@ -83,7 +86,12 @@ class _NVML:
                 temp = self._nvml.nvmlDeviceGetTemperature(handle, self._nvml.NVML_TEMPERATURE_GPU)
             except Exception:
                 continue
-            out.append(GPUSample(i, self.names[i], float(util.gpu), mem.used / GB, mem.total / GB, float(temp)))
+            try:
+                power: float | None = self._nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0  # mW
+            except Exception:
+                power = None
+            out.append(GPUSample(i, self.names[i], float(util.gpu), mem.used / GB, mem.total / GB, float(temp),
+                                 power))
         return out
 
 
@@ -133,8 +141,16 @@ class HardwareSampler:
                 net_rx_mbs=max(rates[0], 0.0), net_tx_mbs=max(rates[1], 0.0),
                 disk_read_mbs=max(rates[2], 0.0), disk_write_mbs=max(rates[3], 0.0),
                 gpus=self._nvml.sample(),
+                disk_free_pct=_disk_free_pct(),
             )
             return self._last
+
+
+def _disk_free_pct() -> float | None:
+    try:
+        return 100.0 - float(psutil.disk_usage(str(Path.home())).percent)
+    except Exception:  # no home, no permission: the series is left out
+        return None
 
 
 def machine_stats(sample: HardwareSample) -> dict[str, Any]:
@@ -155,20 +171,38 @@ def machine_stats(sample: HardwareSample) -> dict[str, Any]:
     return stats
 
 
+# ClearML's own resource-monitor titles and series (clearml/utilities/resource_monitor.py): the web UI draws them
+# as the task's standard machine and GPU plots. The SDK's monitor is off (`auto_resource_monitoring=False`), so
+# these come from this sampler, the one that also feeds /metrics, the dashboard and Model Endpoints.
+MONITOR_MACHINE = ":monitor:machine"
+MONITOR_GPU = ":monitor:gpu"
+
+
 def scalar_series(sample: HardwareSample) -> list[tuple[str, str, float]]:
-    """(title, series, value) for ClearML, the names the README lists."""
+    """(title, series, value) for ClearML, under the SDK monitor's names and units (GB, MB/s, %).
+
+    As the SDK's monitor does by default, `memory_used_gb` is this process's memory and `memory_free_gb` the
+    machine's available memory.
+    """
     rows = [
-        ("cpu", "system %", sample.cpu_system_pct),
-        ("cpu", "process %", sample.cpu_process_pct),
-        ("memory", "process GB", sample.memory_process_gb),
-        ("memory", "system used GB", sample.memory_used_gb),
-        ("network", "rx MB/s", sample.net_rx_mbs),
-        ("network", "tx MB/s", sample.net_tx_mbs),
-        ("disk", "read MB/s", sample.disk_read_mbs),
-        ("disk", "write MB/s", sample.disk_write_mbs),
+        (MONITOR_MACHINE, "cpu_usage", sample.cpu_system_pct),
+        (MONITOR_MACHINE, "memory_used_gb", sample.memory_process_gb),
+        (MONITOR_MACHINE, "memory_free_gb", sample.memory_total_gb - sample.memory_used_gb),
+        (MONITOR_MACHINE, "network_tx_mbs", sample.net_tx_mbs),
+        (MONITOR_MACHINE, "network_rx_mbs", sample.net_rx_mbs),
+        (MONITOR_MACHINE, "io_read_mbs", sample.disk_read_mbs),
+        (MONITOR_MACHINE, "io_write_mbs", sample.disk_write_mbs),
     ]
+    if sample.disk_free_pct is not None:
+        rows.append((MONITOR_MACHINE, "disk_free_percent", sample.disk_free_pct))
     for gpu in sample.gpus:
-        title = f"gpu {gpu.index}"
-        rows += [(title, "utilization %", gpu.utilization_pct), (title, "memory used GB", gpu.memory_used_gb),
-                 (title, "memory total GB", gpu.memory_total_gb), (title, "temperature C", gpu.temperature_c)]
+        prefix = f"gpu_{gpu.index}_"
+        rows += [(MONITOR_GPU, prefix + "temperature", gpu.temperature_c),
+                 (MONITOR_GPU, prefix + "utilization", gpu.utilization_pct),
+                 (MONITOR_GPU, prefix + "mem_used_gb", gpu.memory_used_gb),
+                 (MONITOR_GPU, prefix + "mem_free_gb", gpu.memory_total_gb - gpu.memory_used_gb)]
+        if gpu.memory_total_gb > 0:
+            rows.append((MONITOR_GPU, prefix + "mem_usage", 100.0 * gpu.memory_used_gb / gpu.memory_total_gb))
+        if gpu.power_w is not None:
+            rows.append((MONITOR_GPU, prefix + "power_draw", gpu.power_w))
     return rows
