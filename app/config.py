@@ -134,6 +134,34 @@ class AppConfig(BaseModel):
     model_alias: str = _field(
         "", ADVANCED, "Model Alias", "Name the model is served under; the file name when empty.",
     )
+    tool_format: str = _field(
+        "auto", ADVANCED, "Tool Call Format",
+        "How tool calls are read from the model's output: 'auto' detects the family from the chat template; "
+        "or hermes, llama3, mistral, deepseek_r1, plain (no tool calls).",
+    )
+    reasoning_format: str = _field(
+        "auto", ADVANCED, "Reasoning Format",
+        "'auto' returns <think> spans of reasoning models as reasoning_content; 'none' leaves them in content.",
+    )
+
+    @field_validator("reasoning_format")
+    @classmethod
+    def _known_reasoning_format(cls, value: str) -> str:
+        if value not in ("auto", "none"):
+            raise ValueError("must be 'auto' or 'none'")
+        return value
+
+    @field_validator("tool_format")
+    @classmethod
+    def _known_tool_format(cls, value: str) -> str:
+        from app.engine.toolcalls import format_named
+
+        if value != "auto":
+            try:
+                format_named(value)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("chat_format")
     @classmethod
@@ -167,7 +195,8 @@ class AppConfig(BaseModel):
         return EngineSettings(
             path=path, model_id=model_id, n_ctx=self.n_ctx, n_batch=self.n_batch,
             n_threads=self.n_threads or usable_cores(), n_gpu_layers=self.n_gpu_layers, parallel=self.parallel,
-            max_queue=self.max_queue, embeddings=self.embeddings, chat_format=self.chat_format, verbose=verbose)
+            max_queue=self.max_queue, embeddings=self.embeddings, chat_format=self.chat_format,
+            tool_format=self.tool_format, reasoning_format=self.reasoning_format, verbose=verbose)
 
     def model_spec(self) -> ModelSpec:
         """The model spec, parsed (raises ModelSourceError with one line when it names nothing fetchable)."""
