@@ -279,24 +279,24 @@ class ToolCallOut(_Response):
     function: FunctionCallOut
 
 
-class FunctionCallDelta(_Response):
-    name: str | None = None
-    arguments: str | None = None
+class _Sparse(_Response):
+    """A stream increment: fields left as None are not sent at all."""
 
     @model_serializer(mode="wrap")
     def _only_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ToolCallDelta(_Response):
+class FunctionCallDelta(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Sparse):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: FunctionCallDelta
-
-    @model_serializer(mode="wrap")
-    def _only_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatMessageOut(_Response):
@@ -317,17 +317,13 @@ class ChatMessageOut(_Response):
         return out
 
 
-class ChatDelta(_Response):
+class ChatDelta(_Sparse):
     """A stream's increment: only what changed is sent (the final chunk's delta is `{}`)."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
-
-    @model_serializer(mode="wrap")
-    def _only_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChoice(_Response):

@@ -39,9 +39,9 @@ class RequestMetrics:
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed", registry=self.registry)
         self.completion_tokens = Counter(f"{PREFIX}_completion_tokens", "Tokens generated", registry=self.registry)
 
-    def observe(self, path: str, status: int, latency_s: float, ttft_s: float | None, prompt_tokens: int,
+    def observe(self, endpoint: str, status: int, latency_s: float, ttft_s: float | None, prompt_tokens: int,
                 completion_tokens: int) -> None:
-        endpoint = endpoint_label(path)
+        """One finished request; `endpoint` is already a label from `endpoint_label` (RequestStats makes it)."""
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(latency_s)
         if ttft_s is not None:
