@@ -184,6 +184,12 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
         return finish(task, lifecycle, finished)
     port = sock.getsockname()[1]
     log.info("listening on %s:%d", config.host, port)
+    # Load while the endpoint is published: a gateway route may take up to its wait timeout to appear.
+    loader = ModelLoader(config, spec, model_id, lifecycle, ClearMLStorage() if task is not None else None,
+                         on_loaded=context.stats.restart_idle_clock,
+                         gpus=lambda: len(context.hardware.latest().gpus),
+                         on_gpu_offload=lambda text: task.set_properties(**{GPU_OFFLOAD: text}) if task else None)
+    loader.start()
     context.endpoint = published_endpoint(task, config.host, port, context.api_key, model_id, config.static_route)
     announce(context.endpoint)
     registration: EndpointRegistration | None = None
@@ -196,11 +202,6 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
     watchdog = IdleWatchdog(context.stats, lifecycle, config.idle_time_limit_hours * 3600.0, lifecycle.request_stop)
     reporter = Reporter(context.stats, context.hardware, context.history, lifecycle, lifecycle.note_activity, task,
                         config.last_action_report_interval_sec, endpoint=registration)
-    loader = ModelLoader(config, spec, model_id, lifecycle, ClearMLStorage() if task is not None else None,
-                         on_loaded=context.stats.restart_idle_clock,
-                         gpus=lambda: len(context.hardware.latest().gpus),
-                         on_gpu_offload=lambda text: task.set_properties(**{GPU_OFFLOAD: text}) if task else None)
-    loader.start()
     reporter.start()
     watchdog.start()
     try:
