@@ -177,3 +177,30 @@ def test_an_outage_is_retried_with_exponential_backoff(caplog: pytest.LogCapture
         task_module.time.monotonic = real_monotonic  # type: ignore[assignment]
     assert attempts == [0, 5, 15, 35]  # waits of 5, 10, 20 s
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+class ReloadingOfflineTask:
+    """The offline SDK's properties as the repository-detection thread sees them: `set_user_properties` merges into
+    the in-memory task and saves it; `restore` puts back a copy read from the file before that save."""
+
+    id = "offline"
+
+    def __init__(self) -> None:
+        self.properties: dict[str, str] = {}
+
+    def set_user_properties(self, **props: Any) -> None:
+        self.properties.update(props)
+
+    def restore(self, stale: dict[str, str]) -> None:
+        self.properties = dict(stale)
+
+
+def test_offline_properties_survive_the_sdks_stale_reload() -> None:
+    task = ReloadingOfflineTask()
+    app_task = AppTask(task, offline=True)  # no outbox: each update is sent by its caller
+    app_task.set_properties(status="loading", **{"API base": ""})
+    stale = dict(task.properties)
+    app_task.set_properties(**{"API base": "http://localhost:1/v1"})
+    task.restore(stale)  # the SDK's thread saves the task it read before our update
+    app_task.set_properties(status="stopped")
+    assert task.properties == {"status": "stopped", "API base": "http://localhost:1/v1"}

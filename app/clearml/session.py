@@ -108,6 +108,7 @@ class AppTask:
         self._lock = threading.Lock()
         self._log_handler: logging.Handler | None = None
         self._pending: dict[str, str] = {}  # property updates not yet sent, newest values
+        self._shown: dict[str, str] = {}  # offline: every property sent so far (see _send_pending)
         self._pending_lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -213,8 +214,15 @@ class AppTask:
         """Send the queued updates in one call; kept (under newer values) for a later try when it fails."""
         with self._pending_lock:
             props, self._pending = self._pending, {}
-        if not props:
+        if not props and not (force and self._shown):
             return True
+
+        if self.offline:
+            # The SDK's repository-detection thread reloads the offline task from its file and saves it again,
+            # racing our read-modify-write of the properties: an update made in between is lost. Sending every
+            # property each time puts it back with the next update, and the last update is made at close.
+            self._shown.update(props)
+            props = dict(self._shown)
 
         def update() -> None:
             self.task.set_user_properties(**props)
