@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ MAX_QUEUE = 4096  # waiting requests each hold a connection; 16 full waves of 25
 MAX_IDLE_HOURS = 8760.0  # a year; 0 already means "never"
 MIN_REPORT_INTERVAL_S = 1.0  # each report samples the machine and calls ClearML: at 1 ms an idle app used 90% of a core
 MAX_REPORT_INTERVAL_S = 3600.0  # the dashboard shows the last hour: at least one point in it
+CORS_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s,]+/?", re.IGNORECASE)  # scheme://host[:port]
 
 
 class ConfigError(ValueError):
@@ -102,6 +104,11 @@ class AppConfig(BaseModel):
         "Under an agent on a server with the AI Application Gateway: a load-balanced route name shared by replicas; "
         "empty = a route of its own.",
     )
+    cors_origins: str = _field(
+        "*", ADVANCED, "CORS Allowed Origins",
+        "Web origins whose browser pages may call the API: '*' = any (no cookies are involved: the key travels in a "
+        "header), a comma-separated list such as https://app.example.com, or 'none' to switch CORS off.",
+    )
     n_ctx: int = _field(
         8192, ADVANCED, "Context Size",
         "Total context (KV cache) in tokens, shared by the parallel sequences: each sequence may use n_ctx / parallel, "
@@ -143,6 +150,18 @@ class AppConfig(BaseModel):
         "auto", ADVANCED, "Reasoning Format",
         "'auto' returns <think> spans of reasoning models as reasoning_content; 'none' leaves them in content.",
     )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("*", "none", ""):
+            return value or "none"
+        for origin in (o.strip() for o in value.split(",")):
+            if not CORS_ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path); "
+                                 "or use '*' or 'none'")
+        return value
 
     @field_validator("reasoning_format")
     @classmethod
@@ -201,6 +220,12 @@ class AppConfig(BaseModel):
     def model_spec(self) -> ModelSpec:
         """The model spec, parsed (raises ModelSourceError with one line when it names nothing fetchable)."""
         return parse_spec(self.model)
+
+    def allowed_origins(self) -> tuple[str, ...]:
+        """The CORS origins; empty when CORS is off."""
+        if self.cors_origins == "none":
+            return ()
+        return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(","))
 
     @property
     def served_name(self) -> str:

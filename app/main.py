@@ -167,7 +167,8 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
     model_id = config.served_name
     lifecycle = Lifecycle()
     finished = threading.Event()  # set when `finish` is done: an abort from the UI waits for it
-    context = ServingContext(lifecycle, config.api_key or generate_key(), model_id, console=console)
+    context = ServingContext(lifecycle, config.api_key or generate_key(), model_id, console=console,
+                             cors_origins=config.allowed_origins())
     if task is not None:
         task.connect_config(config)
         # A clone inherits its source's properties: start from a clean slate.

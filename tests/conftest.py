@@ -23,6 +23,7 @@ from tests.fake_engine import FakeEngine
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-key-0123456789"
+QWEN_TEMPLATE = REPO / "tests" / "fixtures" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
 
 
 @pytest.fixture(autouse=True)
@@ -157,6 +158,26 @@ def real_app(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     app = AppProcess(["--offline", "--model", demo_model, "--port", "0", "--api-key", API_KEY, "--embeddings",
                       "--parallel", "4", "--n-ctx", "4096", "--idle-time-limit-hours", "0"],
                      env={"CLEARML_CACHE_DIR": str(cache)})
+    app.start().wait_ready()
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="session")
+def tool_model(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("tool-model") / "gemma-with-qwen-template.gguf"
+    tool = str(Path(sys.executable).parent / "gguf-new-metadata")
+    subprocess.run([tool, "--chat-template-file", str(QWEN_TEMPLATE), demo_model, str(out)], check=True,
+                   capture_output=True, timeout=300, input=b"y\n")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tool_app(tool_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppProcess]:
+    """The real app on the demo model with a released tool-calling template (Qwen 2.5's, Hermes-style)."""
+    app = AppProcess(["--offline", "--model", tool_model, "--port", "0", "--api-key", API_KEY, "--parallel", "2",
+                      "--n-ctx", "4096", "--idle-time-limit-hours", "0"],
+                     env={"CLEARML_CACHE_DIR": str(tmp_path_factory.mktemp("tool-app"))})
     app.start().wait_ready()
     yield app
     app.stop()

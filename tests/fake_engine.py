@@ -134,7 +134,8 @@ class FakeEngine:
                 tail = stream.flush()
                 if tail:
                     handle.emit(Delta(tail, [], []))
-            handle.emit(Finish(reason, len(req.prompt_tokens), n, 0))
+            handle.emit(Finish(reason, len(req.prompt_tokens), n, 0,
+                               stop_sequence=stream.stop_hit if stream.stopped else None))
         finally:
             self.in_system -= 1
 

@@ -8,10 +8,6 @@ is exactly what makes even a small model produce a valid call.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +17,6 @@ import pytest
 
 from tests.conftest import API_KEY, REPO, AppProcess
 
-TEMPLATE = REPO / "tests" / "fixtures" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -30,24 +25,6 @@ WEATHER = {"type": "function", "function": {
 FORCED = {"type": "function", "function": {"name": "get_weather"}}
 ASK = [{"role": "system", "content": "You call tools to answer."},
        {"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def tool_model(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("tool-model") / "gemma-with-qwen-template.gguf"
-    subprocess.run([str(Path(sys.executable).parent / "gguf-new-metadata"), "--chat-template-file", str(TEMPLATE),
-                    demo_model, str(out)], check=True, capture_output=True, timeout=300, input=b"y\n")
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def tool_app(tool_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppProcess]:
-    app = AppProcess(["--offline", "--model", tool_model, "--port", "0", "--api-key", API_KEY, "--parallel", "2",
-                      "--n-ctx", "4096", "--idle-time-limit-hours", "0"],
-                     env={"CLEARML_CACHE_DIR": str(tmp_path_factory.mktemp("tool-app"))})
-    app.start().wait_ready()
-    yield app
-    app.stop()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import time
 
 from fastapi import FastAPI, HTTPException
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.auth import AUTHENTICATED, APIKeyAuth, AuthMiddleware
@@ -74,7 +75,7 @@ class BodyLimitMiddleware:
         message = f"The request body is larger than the limit of {self.max_body} bytes."
         length = Headers(scope=scope).get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await send_error(send, APIError(413, message, code="request_too_large"))
+            await send_error(send, APIError(413, message, code="request_too_large"), scope["path"])
             return
         received = 0
 
@@ -112,4 +113,10 @@ def create_app(context: ServingContext) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(AuthMiddleware, auth=APIKeyAuth(context.api_key))
     app.add_middleware(StatsMiddleware, stats=context.stats)
+    if context.cors_origins:
+        # Outermost: a preflight carries no key and is answered here; every answer, a 401 included, carries the
+        # CORS headers so a browser page can read it. No credentials: the key is a header, never a cookie.
+        app.add_middleware(CORSMiddleware, allow_origins=list(context.cors_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "HEAD", "OPTIONS"], allow_headers=["*"],
+                           expose_headers=["Retry-After"], max_age=600)
     return app

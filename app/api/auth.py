@@ -90,7 +90,7 @@ class AuthMiddleware:
         try:
             self.auth.check(Headers(scope=scope), client[0] if client else "unknown", scope["path"])
         except APIError as exc:
-            await send_error(send, exc)
+            await send_error(send, exc, scope["path"])
             return
         scope[AUTHENTICATED] = True
         await self.app(scope, receive, send)

@@ -24,6 +24,7 @@ class ServingContext:
     history: History = field(default_factory=History)
     console: ConsoleTail = field(default_factory=ConsoleTail)
     endpoint: EndpointInfo = field(default_factory=EndpointInfo)  # set by main once the port is bound
+    cors_origins: tuple[str, ...] = ("*",)  # browser origins allowed to call the API; () = CORS off
 
     @classmethod
     def serving(cls, engine: EngineProtocol, api_key: str) -> ServingContext:

@@ -75,14 +75,41 @@ def error_response_body(exc: EngineError) -> ErrorResponse:
     return ErrorResponse(error=ErrorDetail(message=str(exc), type=error_type, param=exc.param, code=exc.code))
 
 
-def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.error_type, exc.param, exc.code), status_code=exc.status,
-                        headers=exc.headers)
+# Anthropic's error types by HTTP status, for the Messages routes (its clients read `error.type`).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 
 
-async def send_error(send: Send, exc: APIError) -> None:
+def anthropic_route(path: str) -> bool:
+    """The Anthropic Messages routes answer errors in Anthropic's shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """`{"type": "error", "error": {"type", "message"}}`: Anthropic's error body (and stream error event)."""
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+
+
+def _body_for(exc: APIError, path: str) -> dict[str, Any]:
+    if anthropic_route(path):
+        return anthropic_error(exc.status, exc.message)
+    return error_body(exc.message, exc.error_type, exc.param, exc.code)
+
+
+def error_response(exc: APIError, path: str = "") -> JSONResponse:
+    return JSONResponse(_body_for(exc, path), status_code=exc.status, headers=exc.headers)
+
+
+async def send_error(send: Send, exc: APIError, path: str = "") -> None:
     """The same error as a raw ASGI response, for middleware that answers before any route runs."""
-    data = json.dumps(error_body(exc.message, exc.error_type, exc.param, exc.code)).encode()
+    data = json.dumps(_body_for(exc, path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
@@ -116,28 +143,29 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(EngineError)
-    async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
-        return error_response(from_engine_error(exc))
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return error_response(from_engine_error(exc), request.url.path)
 
     @app.exception_handler(ChatTemplateError)
-    async def _template_error(_: Request, exc: ChatTemplateError) -> JSONResponse:
-        return error_response(APIError(400, str(exc), param="messages"))
+    async def _template_error(request: Request, exc: ChatTemplateError) -> JSONResponse:
+        return error_response(APIError(400, str(exc), param="messages"), request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(APIError(400, message, param=param))
+        return error_response(APIError(400, message, param=param), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+        return error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)),
+                              request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(APIError(500, "internal server error", error_type="server_error"))
+        return error_response(APIError(500, "internal server error", error_type="server_error"), request.url.path)

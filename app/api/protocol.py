@@ -9,7 +9,7 @@ string must be encodable as UTF-8 (JSON lets a client send a lone surrogate).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -57,11 +57,11 @@ def find_unencodable(value: Any, path: str = "") -> str | None:
     return None
 
 
-class _Request(BaseModel):
+class RequestPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class _TopRequest(_Request):
+class _TopRequest(RequestPart):
     """A whole request body: refused (400 naming the field) if any string cannot be encoded."""
 
     @field_validator("*")
@@ -74,7 +74,7 @@ class _TopRequest(_Request):
         return value
 
 
-class StreamOptions(_Request):
+class StreamOptions(RequestPart):
     include_usage: Bool = False
 
 
@@ -115,32 +115,33 @@ class SamplingFields(_TopRequest):
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
 
 
-class _Strict(_TopRequest):
-    """A request body whose unknown fields are refused (except IGNORED_FIELDS)."""
+class StrictRequest(_TopRequest):
+    """A request body whose unknown fields are refused (except the surface's `ignored_fields`)."""
 
     model_config = ConfigDict(extra="allow")
+    ignored_fields: ClassVar[frozenset[str]] = IGNORED_FIELDS
 
     @model_validator(mode="after")
-    def _known_fields_only(self) -> _Strict:
-        unknown = sorted(k for k in (self.model_extra or {}) if k not in IGNORED_FIELDS)
+    def _known_fields_only(self) -> StrictRequest:
+        unknown = sorted(k for k in (self.model_extra or {}) if k not in self.ignored_fields)
         if unknown:
             raise PydanticCustomError("unsupported_field", "{field}: this server does not support this field",
                                       {"field": unknown[0]})
         return self
 
 
-class FunctionCall(_Request):
+class FunctionCall(RequestPart):
     name: str
     arguments: str = "{}"
 
 
-class ToolCallIn(_Request):
+class ToolCallIn(RequestPart):
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestPart):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -149,23 +150,23 @@ class ChatMessage(_Request):
     reasoning_content: str | None = None
 
 
-class FunctionDef(_Request):
+class FunctionDef(RequestPart):
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: Bool | None = None
 
 
-class ToolDef(_Request):
+class ToolDef(RequestPart):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Request):
+class NamedFunction(RequestPart):
     name: str
 
 
-class NamedToolChoice(_Request):
+class NamedToolChoice(RequestPart):
     type: Literal["function"]
     function: NamedFunction
 
@@ -173,7 +174,7 @@ class NamedToolChoice(_Request):
 MAX_TOOLS = 128
 
 
-class ChatCompletionRequest(SamplingFields, _Strict):
+class ChatCompletionRequest(SamplingFields, StrictRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: Bool = False
@@ -197,7 +198,7 @@ class ChatCompletionRequest(SamplingFields, _Strict):
         return value
 
 
-class CompletionRequest(SamplingFields, _Strict):
+class CompletionRequest(SamplingFields, StrictRequest):
     prompt: str | list[str] | list[Int] | list[list[Int]]
     echo: Bool = False
     logprobs: Int | None = Field(None, ge=0, le=5)

@@ -12,10 +12,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from app.api import messages as messages_api
+from app.api import responses as responses_api
 from app.api import serving
 from app.api.choices import ChoiceSet, ChoiceSpec, collect, until_disconnect, usage_of
 from app.api.context import ServingContext
 from app.api.errors import APIError, error_body
+from app.api.messages import CountTokensRequest, MessagesRequest
 from app.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -27,6 +30,7 @@ from app.api.protocol import (
     TokenizeRequest,
 )
 from app.api.record import record_of
+from app.api.responses import ResponsesRequest
 from app.engine.types import EngineProtocol
 from app.lifecycle import State
 from app.telemetry.prometheus import render
@@ -78,7 +82,9 @@ def api_router() -> APIRouter:
     """The OpenAI routes (behind the key: see auth.AuthMiddleware)."""
     router = APIRouter()
 
+    # llama-server's paths without /v1 (clients configured for it use them): same handlers, same auth.
     @router.get("/v1/models")
+    @router.get("/models", include_in_schema=False)
     async def list_models(request: Request) -> ModelList:
         return ModelList(data=[model_card(context_of(request))])
 
@@ -91,6 +97,7 @@ def api_router() -> APIRouter:
         return model_card(context_of(request))
 
     @router.post("/v1/chat/completions", response_model=None)
+    @router.post("/chat/completions", response_model=None, include_in_schema=False)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = engine_of(request)
         specs, parsing = await serving.build_chat(engine, body)
@@ -98,6 +105,7 @@ def api_router() -> APIRouter:
         return await generate(request, engine, specs, body.stream, shape, "n")
 
     @router.post("/v1/completions", response_model=None)
+    @router.post("/completions", response_model=None, include_in_schema=False)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         engine = engine_of(request)
         specs = await serving.build_completion(engine, body)
@@ -105,6 +113,7 @@ def api_router() -> APIRouter:
         return await generate(request, engine, specs, body.stream, shape, "prompt")
 
     @router.post("/v1/embeddings")
+    @router.post("/embeddings", include_in_schema=False)
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
         engine = engine_of(request)
         if not engine.embeddings_enabled:
@@ -137,6 +146,29 @@ def api_router() -> APIRouter:
             data.append({"object": "embedding", "index": i, "embedding": emb})
         return {"object": "list", "data": data, "model": engine.model_id,
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    @router.post("/v1/responses", response_model=None)
+    async def responses(body: ResponsesRequest, request: Request) -> Any:
+        engine = engine_of(request)
+        chat = responses_api.to_chat(body)
+        specs, parsing = await serving.build_chat(engine, chat)
+        return await generate(request, engine, specs, body.stream,
+                              responses_api.ResponsesShape(engine.model_id, body, parsing), "n")
+
+    @router.post("/v1/messages", response_model=None)
+    async def messages(body: MessagesRequest, request: Request) -> Any:
+        engine = engine_of(request)
+        chat = messages_api.to_chat(body)
+        specs, parsing = await serving.build_chat(engine, chat)
+        return await generate(request, engine, specs, body.stream,
+                              messages_api.MessagesShape(engine.model_id, body, parsing), "n")
+
+    @router.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
+        engine = engine_of(request)
+        _, prompt = await serving.render_chat(engine, messages_api.count_request(body))
+        record_of(request.scope).prompt_tokens = len(prompt.tokens)
+        return {"input_tokens": len(prompt.tokens)}
 
     return router
 

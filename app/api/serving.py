@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from app.api.choices import Choice, ChoiceSet, ChoiceSpec, usage_of
 from app.api.errors import APIError, error_response_body
@@ -41,10 +42,19 @@ from app.api.protocol import (
     TopLogprobEntry,
     UsageInfo,
 )
-from app.api.tools import OutputParsing, forced_grammar, plan_tools
+from app.api.tools import OutputParsing, ToolPlan, forced_grammar, plan_tools
 from app.engine.sampling import grammar_for_response_format
-from app.engine.toolcalls import StreamEvent, StreamParser, parse_output
-from app.engine.types import Delta, EngineError, EngineProtocol, Finish, GenerationRequest, SamplingParams, TokenLogprob
+from app.engine.toolcalls import ParsedOutput, StreamEvent, StreamParser, parse_output
+from app.engine.types import (
+    ChatPrompt,
+    Delta,
+    EngineError,
+    EngineProtocol,
+    Finish,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +106,19 @@ def check_token_ids(engine: EngineProtocol, tokens: list[int], param: str) -> li
     return [int(t) for t in tokens]
 
 
-async def build_chat(engine: EngineProtocol, body: ChatCompletionRequest) -> tuple[list[ChoiceSpec], OutputParsing]:
+async def render_chat(engine: EngineProtocol, body: ChatCompletionRequest) -> tuple[ToolPlan, ChatPrompt]:
+    """The tool plan and the prompt as the model's template renders it (messages, tools, template kwargs)."""
     plan = plan_tools(engine.output_format, body)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     kwargs = dict(body.chat_template_kwargs or {})
     if body.reasoning_effort is not None:
         kwargs.setdefault("reasoning_effort", body.reasoning_effort)
     prompt = await asyncio.to_thread(engine.chat_prompt, messages, plan.tools, kwargs)
+    return plan, prompt
+
+
+async def build_chat(engine: EngineProtocol, body: ChatCompletionRequest) -> tuple[list[ChoiceSpec], OutputParsing]:
+    plan, prompt = await render_chat(engine, body)
     if plan.forced is not None:
         grammar = await asyncio.to_thread(forced_grammar, plan, body.parallel_tool_calls, prompt.opens_reasoning)
     else:
@@ -187,7 +203,11 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int) -> CompletionL
 
 
 class Shape(abc.ABC):
-    """How one endpoint writes its choices, whole or as SSE chunks; `stream` does the rest."""
+    """How one endpoint writes its choices, whole or as SSE events; `stream` does the rest.
+
+    OpenAI's Chat and text completions end a stream with an optional usage chunk and `[DONE]`; the Responses
+    and Anthropic Messages surfaces override `preamble`, `epilogue` and `error_event` with their own events.
+    """
 
     id_prefix = ""
 
@@ -195,6 +215,10 @@ class Shape(abc.ABC):
         self.ids = ResponseIds.new(self.id_prefix, model)
         self.want_logprobs = want_logprobs
         self.include_usage = include_usage
+
+    def preamble(self) -> str | None:
+        """What a stream sends before any choice opens."""
+        return None
 
     @abc.abstractmethod
     def opening(self, choice: Choice) -> str | None: ...
@@ -205,20 +229,59 @@ class Shape(abc.ABC):
     @abc.abstractmethod
     def usage_chunk(self, usage: UsageInfo) -> str: ...
     @abc.abstractmethod
-    def response(self, choices: list[Choice]) -> ChatCompletionResponse | CompletionResponse: ...
+    def response(self, choices: list[Choice]) -> Any: ...
+
+    def epilogue(self, choices: list[Choice]) -> str:
+        """What a stream sends after every choice finished."""
+        head = self.usage_chunk(usage_of(choices)) if self.include_usage else ""
+        return head + SSE_DONE
+
+    def error_event(self, error: EngineError) -> str:
+        """A stream the server ends early: never a silent cut."""
+        return stream_error(error)
+
+
+class TextSplitter:
+    """Splits each choice's text into content, reasoning and tool calls as `parsing` says, streamed (a
+    StreamParser per choice) or whole (parse_output): the same result either way. Without parsing, all is
+    content."""
+
+    def __init__(self, parsing: OutputParsing | None) -> None:
+        self.parsing = parsing if parsing is not None and parsing.active else None
+        self._parsers: dict[int, StreamParser] = {}
+
+    def open(self, index: int) -> None:
+        if self.parsing is not None:
+            self._parsers[index] = StreamParser(self.parsing.format(), reasoning=self.parsing.reasoning,
+                                                prompt_opens_reasoning=self.parsing.opens_reasoning)
+
+    def feed(self, index: int, text: str) -> list[StreamEvent]:
+        parser = self._parsers.get(index)
+        if parser is None:
+            return [StreamEvent("content", text)] if text else []
+        return parser.feed(text)
+
+    def finish(self, index: int) -> list[StreamEvent]:
+        parser = self._parsers.get(index)
+        return parser.finish() if parser is not None else []
+
+    def whole(self, text: str) -> ParsedOutput:
+        if self.parsing is None:
+            return ParsedOutput(text, None, [])
+        return parse_output(self.parsing.format(), text, reasoning=self.parsing.reasoning,
+                            prompt_opens_reasoning=self.parsing.opens_reasoning)
 
 
 class ChatShape(Shape):
     """Chat completions; with `parsing` active, each choice's text is split into content, reasoning_content and
-    tool_calls, whole (parse_output) or as deltas (a StreamParser per choice): the same result either way."""
+    tool_calls (see TextSplitter)."""
 
     id_prefix = "chatcmpl"
 
     def __init__(self, model: str, want_logprobs: bool, include_usage: bool,
                  parsing: OutputParsing | None = None) -> None:
         super().__init__(model, want_logprobs, include_usage)
-        self.parsing = parsing if parsing is not None and parsing.active else None
-        self._parsers: dict[int, StreamParser] = {}
+        self.splitter = TextSplitter(parsing)
         self._called: set[int] = set()  # choices that started a tool call
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
@@ -227,22 +290,18 @@ class ChatShape(Shape):
         return sse(chunk.model_dump_json(exclude=None if self.include_usage else {"usage"}))
 
     def opening(self, choice: Choice) -> str | None:
-        if self.parsing is not None:
-            self._parsers[choice.index] = StreamParser(self.parsing.format(), reasoning=self.parsing.reasoning,
-                                                       prompt_opens_reasoning=self.parsing.opens_reasoning)
+        self.splitter.open(choice.index)
         return self._chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
 
     def delta(self, choice: Choice, event: Delta) -> str:
         lp = chat_logprobs(event.logprobs) if self.want_logprobs else None
-        parser = self._parsers.get(choice.index)
-        if parser is None:
+        if self.splitter.parsing is None:
             return self._chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=event.text),
                                                 logprobs=lp)])
-        return self._events(choice.index, parser.feed(event.text), lp)
+        return self._events(choice.index, self.splitter.feed(choice.index, event.text), lp)
 
     def closing(self, choice: Choice, finish: Finish) -> str:
-        parser = self._parsers.get(choice.index)
-        head = self._events(choice.index, parser.finish(), None) if parser is not None else ""
+        head = self._events(choice.index, self.splitter.finish(choice.index), None)
         reason = finish_reason(finish)
         if choice.index in self._called and reason == "stop":
             reason = "tool_calls"
@@ -269,10 +328,9 @@ class ChatShape(Shape):
 
     def _message(self, choice: Choice) -> tuple[ChatMessageOut, str | None]:
         reason = finish_reason(choice.finish)
-        if self.parsing is None:
+        if self.splitter.parsing is None:
             return ChatMessageOut(content=choice.text), reason
-        parsed = parse_output(self.parsing.format(), choice.text, reasoning=self.parsing.reasoning,
-                              prompt_opens_reasoning=self.parsing.opens_reasoning)
+        parsed = self.splitter.whole(choice.text)
         calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
                  for c in parsed.tool_calls]
         if calls and reason == "stop":
@@ -337,13 +395,15 @@ def sse(data: str) -> str:
 
 def stream_error(error: EngineError) -> str:
     """A stream the server ends early: an OpenAI-shaped error event, then [DONE], so it is never a silent cut."""
-    log.warning("stream ended by the server: %s", error)
     return sse(error_response_body(error).model_dump_json()) + SSE_DONE
 
 
 async def stream(choice_set: ChoiceSet, shape: Shape) -> AsyncIterator[str]:
     """SSE for every choice of `choice_set`, in arrival order, ending with [DONE] whatever happens."""
     try:
+        preamble = shape.preamble()
+        if preamble:
+            yield preamble
         for c in choice_set.choices:
             opening = shape.opening(c)
             if opening:
@@ -355,13 +415,14 @@ async def stream(choice_set: ChoiceSet, shape: Shape) -> AsyncIterator[str]:
                     if text:
                         yield text
             elif event.error is not None:
-                yield stream_error(event.error)
+                log.warning("stream ended by the server: %s", event.error)
+                yield shape.error_event(event.error)
                 return
             else:
-                yield shape.closing(c, event)
-        if shape.include_usage:
-            yield shape.usage_chunk(usage_of(choice_set.choices))
-        yield SSE_DONE
+                closing = shape.closing(c, event)
+                if closing:
+                    yield closing
+        yield shape.epilogue(choice_set.choices)
     finally:
         choice_set.cancel()
 

@@ -236,8 +236,9 @@ class Scheduler:
         handle = slot.handle
         if handle is None:
             return
-        finish = Finish(reason, slot.n_prompt, slot.n_generated, slot.n_cached, error)
         text = slot.text
+        finish = Finish(reason, slot.n_prompt, slot.n_generated, slot.n_cached, error,
+                        stop_sequence=text.stop_hit if text is not None and text.stopped else None)
         slot.handle = None
         slot.text = None
         slot.next_token = None

@@ -18,6 +18,7 @@ class TextStream:
         self._held = ""
         self.text = ""  # everything released so far
         self.stopped = False
+        self.stop_hit: str | None = None  # the stop string that ended the text
 
     def push(self, data: bytes) -> str:
         """Add a token's bytes; return the newly released text."""
@@ -54,6 +55,7 @@ class TextStream:
             i = text.find(s)
             if i != -1 and (best is None or i < best):
                 best = i
+                self.stop_hit = s
         return best
 
     def _partial_suffix(self, text: str) -> int:

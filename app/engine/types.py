@@ -121,6 +121,7 @@ class Finish:
     completion_tokens: int
     cached_tokens: int
     error: EngineError | None = None
+    stop_sequence: str | None = None  # the stop string that ended a "stop" finish (None: end of generation)
 
 
 Event = Delta | Finish
