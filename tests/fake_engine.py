@@ -30,7 +30,9 @@ class FakeEngine:
     def __init__(self, replies: list[str] | None = None, n_ctx_seq: int = 256, parallel: int = 2,
                  max_queue: int = 2, token_delay: float = 0.0, embeddings: bool = True) -> None:
         self.model_id = "fake-model.gguf"
+        self.n_ctx = n_ctx_seq
         self.n_ctx_seq = n_ctx_seq
+        self.preemptions = 0
         self.parallel = parallel
         self.max_queue = max_queue
         self.embeddings_enabled = embeddings
@@ -74,6 +76,14 @@ class FakeEngine:
     @property
     def active(self) -> int:
         return min(self.in_system, self.parallel)
+
+    @property
+    def kv_cells_used(self) -> int:
+        return 0
+
+    def context_info(self) -> dict[str, Any]:
+        return {"n_ctx": self.n_ctx, "max_request_tokens": self.n_ctx_seq, "n_ctx_train": self.n_ctx,
+                "kv_cache_type_k": "f16", "kv_cache_type_v": "f16", "kv_cells_used": 0}
 
     # generation
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:

@@ -102,7 +102,7 @@ def test_auth_failure(real_app: AppProcess) -> None:
 
 def test_bad_input_then_still_serving(client: openai.OpenAI, real_app: AppProcess) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="g", prompt="hello " * 3000, max_tokens=4)
+        client.completions.create(model="g", prompt="hello " * 5000, max_tokens=4)  # beyond n_ctx 4096
     assert err.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="g", messages=[], max_tokens=4)

@@ -64,7 +64,8 @@ def health_router() -> APIRouter:
         if lifecycle.serving and engine is not None:
             busy = engine.active
             return JSONResponse({"status": "ok", "slots_idle": engine.parallel - busy,
-                                 "slots_processing": busy, "queue_depth": engine.queue_depth})
+                                 "slots_processing": busy, "queue_depth": engine.queue_depth,
+                                 **engine.context_info()})
         if lifecycle.state is State.FAILED:
             body = error_body(f"Model failed to load: {lifecycle.failure}", "server_error", None,
                               "model_load_failed")

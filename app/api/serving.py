@@ -91,7 +91,7 @@ def resolve_max_tokens(requested: int | None, n_prompt: int, n_ctx_seq: int) -> 
         return requested
     room = n_ctx_seq - n_prompt
     if room < 1:
-        raise APIError(400, f"The prompt has {n_prompt} tokens; this model's context per sequence is {n_ctx_seq}.",
+        raise APIError(400, f"The prompt has {n_prompt} tokens; this server's context is {n_ctx_seq}.",
                        code="context_length_exceeded", param="messages")
     return room
 

@@ -45,6 +45,7 @@ class LlamaEngine:
             options.chat_format, self.model.chat_template(), self.model.bos_text(), self.model.eos_text())
         self.output_format = choose_output_format(options.tool_format, options.reasoning_format, self.template)
         self.scheduler = Scheduler(self.model, options.parallel, options.max_queue, options.n_batch)
+        self.n_ctx = self.scheduler.n_ctx
         self.n_ctx_seq = self.scheduler.n_ctx_seq
         self.capacity = self.scheduler.capacity
         self.scheduler.start()
@@ -109,6 +110,23 @@ class LlamaEngine:
     def active(self) -> int:
         return self.scheduler.active
 
+    @property
+    def kv_cells_used(self) -> int:
+        return self.scheduler.cells.used
+
+    @property
+    def preemptions(self) -> int:
+        return self.scheduler.preemptions
+
+    def context_info(self) -> dict[str, Any]:
+        """The effective context for clients sizing their prompts: cells, the most one request may use, the
+        model's trained context and the KV cache's types."""
+        chosen = dict(getattr(self.model, "context_info", None) or {})
+        return {"n_ctx": self.n_ctx, "max_request_tokens": self.n_ctx_seq,
+                "n_ctx_train": int(self.model.n_ctx_train),
+                "kv_cache_type_k": chosen.get("type_k", "f16"), "kv_cache_type_v": chosen.get("type_v", "f16"),
+                "kv_cells_used": self.kv_cells_used}
+
     # --- embeddings ------------------------------------------------------------------------
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
@@ -159,6 +177,7 @@ def load_engine(options: EngineSettings) -> LlamaEngine:
              options.path, options.n_ctx, options.parallel, options.n_gpu_layers)
     engine = LlamaEngine(options)
     info: dict[str, object | None] = dict(engine.model.describe())
-    log.info("model loaded: %s, %s parameters, %d threads; each sequence may use %d tokens",
-             info["description"], info["n_params"], engine.model.threads, engine.n_ctx_seq)
+    log.info("model loaded: %s, %s parameters, %d threads; context %d tokens, shared by up to %d sequences "
+             "(one request may use all of it)", info["description"], info["n_params"], engine.model.threads,
+             engine.n_ctx, engine.parallel)
     return engine

@@ -1,6 +1,10 @@
 """Continuous batching: one thread owns the llama context and decodes every active sequence together.
 
-Each request gets a sequence (slot) of the unified KV cache. Every step the
+Each request gets a sequence (slot) of the unified KV cache, and any one request may use the whole of it:
+admission is by free cells (a request's prompt is reserved when it is admitted), not by n_ctx / parallel. When
+generation fills the cache, the most recently admitted sequence is preempted: its cells are freed, its tokens
+and sampler kept, and it is recomputed (prefix reuse included) when room returns, as vLLM's recompute preemption
+does; nothing is lost and no stream is cut. Every step the
 scheduler puts one token per generating sequence into a shared batch, fills
 the rest of the batch with prompt tokens in bounded chunks (so a long prompt
 does not stall running streams), calls `llama_decode` once, and samples each
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -24,6 +29,7 @@ from typing import Any, TypeVar
 
 import llama_cpp
 
+from app.engine.cells import CellLedger
 from app.engine.model import LlamaModel
 from app.engine.sampling import SamplerChain, logits_at, token_logprobs
 from app.engine.text import TextStream
@@ -46,20 +52,43 @@ T = TypeVar("T")
 
 # A shared prefix shorter than this is recomputed rather than waited for.
 MIN_SHARED_PREFIX = 32
+# Cells kept free per generating sequence when admitting new work, so running streams do not stall at once.
+GROWTH_RESERVE = 16
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int], chunk: int = 256) -> int:
+    """How many leading tokens `a` and `b` share (compared a chunk at a time: long caches are common)."""
     n = min(len(a), len(b))
     i = 0
+    while i + chunk <= n and a[i:i + chunk] == b[i:i + chunk]:
+        i += chunk
     while i < n and a[i] == b[i]:
         i += 1
     return i
 
 
 @dataclass
+class _Parked:
+    """A preempted request: everything but its cells, to be recomputed when room returns."""
+
+    handle: RequestHandle
+    tokens: list[int]  # prompt and generated tokens whose KV must be rebuilt
+    resume_token: int | None  # the sampled token not yet decoded (None: it was still reading its prompt)
+    text: TextStream
+    n_prompt: int
+    n_cached: int
+    n_generated: int
+    held_logprobs: list[TokenLogprob]
+    held_tokens: list[int]
+
+
+@dataclass
 class _Slot:
     seq_id: int
     cache: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, positions 0..n-1
+    cells: list[int] = field(default_factory=list)  # their cells (CellLedger ids), parallel to `cache`
+    admitted: int = 0  # admission order: the newest is preempted first
+    resume_token: int | None = None  # a resumed sequence decodes this once its tokens are rebuilt
     handle: RequestHandle | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens still to decode
     wait_for: tuple[_Slot, int] | None = None  # copy this many tokens from that slot once computed
@@ -84,9 +113,14 @@ class Scheduler:
         self.parallel = parallel
         self.max_queue = max_queue
         self.n_batch = n_batch
-        self.n_ctx_seq = model.n_ctx // parallel
+        self.n_ctx = model.n_ctx
+        self.n_ctx_seq = model.n_ctx  # any one request may use the whole cache
+        self.cells = CellLedger(model.n_ctx)
+        self.preemptions = 0  # sequences preempted to free cells (each recomputed later)
+        self._admissions = itertools.count(1)
         self._slots = [_Slot(i) for i in range(parallel)]
         self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._parked: collections.deque[_Parked] = collections.deque()
         self._jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -119,7 +153,7 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._parked)
 
     @property
     def active(self) -> int:
@@ -144,9 +178,8 @@ class Scheduler:
             raise ContextLengthError("the prompt is empty after tokenization", param="prompt")
         if n_prompt + request.max_tokens > self.n_ctx_seq:
             raise ContextLengthError(
-                f"This model's context per sequence is {self.n_ctx_seq} tokens (n_ctx {self.model.n_ctx} / "
-                f"parallel {self.parallel}); the request needs {n_prompt} prompt + {request.max_tokens} "
-                "completion tokens. Shorten the prompt or lower max_tokens."
+                f"This server's context is {self.n_ctx_seq} tokens; the request needs {n_prompt} prompt + "
+                f"{request.max_tokens} completion tokens. Shorten the prompt or lower max_tokens."
             )
         handle = RequestHandle(request, loop)
         handle.sampler = sampler
@@ -203,6 +236,8 @@ class Scheduler:
         self._fail_all(error)
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
+        parked, self._parked = list(self._parked), collections.deque()
+        waiting = [p.handle for p in parked] + waiting
         for handle in waiting:
             self._emit_finish(handle, Finish("error", len(handle.request.prompt_tokens), 0, 0, error))
 
@@ -268,6 +303,7 @@ class Scheduler:
     def _forget(self, slot: _Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, 0, -1)
         slot.cache = []
+        self.cells.truncate(slot.cells, 0)
 
     def _drop_cancelled(self) -> None:
         for slot in self._slots:
@@ -277,22 +313,40 @@ class Scheduler:
             cancelled = [h for h in self._waiting if h.cancelled]
             for h in cancelled:
                 self._waiting.remove(h)
+        gone = [p for p in self._parked if p.handle.cancelled]
+        for p in gone:
+            self._parked.remove(p)
+        cancelled += [p.handle for p in gone]
         for h in cancelled:
             self._emit_finish(h, Finish("cancelled", len(h.request.prompt_tokens), 0, 0))
 
     # --- admission and prefix reuse ------------------------------------------------------
 
     def _admit(self) -> None:
+        """Parked (preempted) requests first, then the queue, in order, while a sequence is free and the cache
+        has room for the next one's prompt; the head waits (nothing overtakes it) until room returns."""
         while True:
             free = [s for s in self._slots if not s.busy and not self._is_donor(s)]
             if not free:
                 return
-            with self._lock:
-                if not self._waiting:
-                    return
-                handle = self._waiting.popleft()
+            parked = self._parked[0] if self._parked else None
+            if parked is not None:
+                tokens = parked.tokens
+            else:
+                with self._lock:
+                    if not self._waiting:
+                        return
+                    tokens = self._waiting[0].request.prompt_tokens
+            if not self._make_room(tokens, free):
+                return
+            if parked is not None:
+                self._parked.popleft()
+                handle = parked.handle
+            else:
+                with self._lock:
+                    handle = self._waiting.popleft()
             try:
-                self._assign(handle, free)
+                self._assign(handle, free, parked)
             except Exception as exc:  # this request's problem only: it ends, its place is released
                 if not isinstance(exc, EngineError):
                     log.error("admitting a request failed: %s: %s", type(exc).__name__, exc)
@@ -303,12 +357,50 @@ class Scheduler:
                         self._forget(slot)
                 self._emit_finish(handle, Finish("error", len(handle.request.prompt_tokens), 0, 0, exc))
 
+    def _reserved(self) -> int:
+        """Cells promised to admitted sequences and not yet decoded: the rest of their prompts, and the prompts
+        of those waiting for a donor's prefix."""
+        total = 0
+        for s in self._slots:
+            if s.busy and s.handle is not None:
+                if s.wait_for is not None:
+                    total += len(s.handle.request.prompt_tokens) - s.wait_for[1]
+                else:
+                    total += len(s.pending)
+        return total
+
+    def _room(self) -> int:
+        return self.cells.free - self._reserved()
+
+    def _make_room(self, tokens: list[int], free: list[_Slot]) -> bool:
+        """Whether `tokens` may be admitted now, evicting idle caches (least useful first) if that makes room.
+        With nothing running the request is always admitted: submit checked that it fits the whole cache."""
+        best = max((common_prefix(s.cache, tokens) for s in self._slots), default=0)
+        generating = sum(1 for s in self._slots if s.busy)
+        need = len(tokens) - best + 1 + GROWTH_RESERVE * generating
+        if self._room() >= need:
+            return True
+        idle = sorted((s for s in free if s.cache), key=lambda s: common_prefix(s.cache, tokens))
+        for slot in idle:
+            if self._room() >= need:
+                break
+            if common_prefix(slot.cache, tokens) == best and best > 0:
+                continue  # the prefix this request will reuse
+            self._forget(slot)
+        if self._room() >= need:
+            return True
+        if generating == 0:
+            for slot in idle:
+                self._forget(slot)
+            return True
+        return False
+
     def _is_donor(self, slot: _Slot) -> bool:
         return any(s.wait_for is not None and s.wait_for[0] is slot for s in self._slots)
 
-    def _assign(self, handle: RequestHandle, free: list[_Slot]) -> None:
+    def _assign(self, handle: RequestHandle, free: list[_Slot], parked: _Parked | None = None) -> None:
         req = handle.request
-        prompt = req.prompt_tokens
+        prompt = parked.tokens if parked is not None else req.prompt_tokens
         limit = len(prompt) - 1  # the last prompt token is always decoded, to get its logits
 
         own = max(free, key=lambda s: common_prefix(s.cache, prompt))
@@ -342,24 +434,93 @@ class Scheduler:
             self._forget(slot)
             llama_cpp.llama_memory_seq_cp(self.model.memory, donor.seq_id, slot.seq_id, 0, donor_n)
             slot.cache = prompt[:donor_n]
+            slot.cells = self.cells.share(donor.cells, donor_n)
             reused = donor_n
         else:
             if not llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, own_n, -1):
                 self._forget(slot)
                 own_n = 0
             slot.cache = slot.cache[:own_n]
+            self.cells.truncate(slot.cells, own_n)
             reused = own_n
 
         slot.handle = handle
-        slot.text = TextStream(req.stop)
+        slot.admitted = next(self._admissions)
         slot.pending = prompt[len(slot.cache):] if wait_for is None else []
         slot.wait_for = wait_for
         slot.next_token = None
-        slot.n_prompt = len(prompt)
-        slot.n_cached = reused
-        slot.n_generated = 0
+        if parked is None:
+            slot.text = TextStream(req.stop)
+            slot.resume_token = None
+            slot.n_prompt = len(prompt)
+            slot.n_cached = reused
+            slot.n_generated = 0
+            slot.held_logprobs = []
+            slot.held_tokens = []
+        else:  # where it was preempted: only its cells were rebuilt
+            slot.text = parked.text
+            slot.resume_token = parked.resume_token
+            slot.n_prompt = parked.n_prompt
+            slot.n_cached = parked.n_cached
+            slot.n_generated = parked.n_generated
+            slot.held_logprobs = parked.held_logprobs
+            slot.held_tokens = parked.held_tokens
+
+    # --- preemption ---------------------------------------------------------------------------
+
+    def _preempt(self, slot: _Slot) -> None:
+        """Free a running sequence's cells and park it, tokens and sampler kept, at the head of the line."""
+        handle = slot.handle
+        assert handle is not None and slot.text is not None
+        if slot.wait_for is not None:
+            tokens = list(handle.request.prompt_tokens)
+        else:
+            tokens = slot.cache + slot.pending
+        resume = slot.next_token if not slot.pending and slot.wait_for is None else None
+        if resume is None and slot.resume_token is not None and slot.pending:
+            resume = slot.resume_token  # preempted again while being rebuilt
+        self._parked.appendleft(_Parked(handle, tokens, resume, slot.text, slot.n_prompt, slot.n_cached,
+                                        slot.n_generated, slot.held_logprobs, slot.held_tokens))
+        slot.handle = None
+        slot.text = None
+        slot.next_token = None
+        slot.resume_token = None
+        slot.pending = []
+        slot.wait_for = None
         slot.held_logprobs = []
         slot.held_tokens = []
+        self._forget(slot)
+        self.preemptions += 1
+        log.info("cache full: preempted a sequence of %d tokens (to be recomputed; %d preemptions so far)",
+                 len(tokens), self.preemptions)
+
+    def _free_some(self) -> bool:
+        """Free some cells whatever our ledger says (llama.cpp knows better): an idle cache, else the newest
+        running sequence but the last. False when there is nothing left to free."""
+        idle = [s for s in self._slots if not s.busy and s.cache and not self._is_donor(s)]
+        if idle:
+            self._forget(min(idle, key=lambda s: s.admitted))
+            return True
+        running = [s for s in self._slots if s.busy]
+        if len(running) > 1:
+            self._preempt(max(running, key=lambda s: s.admitted))
+            return True
+        return False
+
+    def _free_cells(self, need: int) -> bool:
+        """Make `need` cells free for the next step: idle caches first, then the newest running sequences
+        (never the last one). False when nothing more can be freed."""
+        for slot in sorted((s for s in self._slots if not s.busy and s.cache and not self._is_donor(s)),
+                           key=lambda s: s.admitted):
+            if self._room() >= need:
+                return True
+            self._forget(slot)
+        while self._room() < need:
+            running = [s for s in self._slots if s.busy]
+            if len(running) <= 1:
+                return self._room() >= need
+            self._preempt(max(running, key=lambda s: s.admitted))
+        return True
 
     def _resolve_waits(self) -> None:
         for slot in self._slots:
@@ -370,6 +531,7 @@ class Scheduler:
             if len(donor.cache) >= n and donor.cache[:n] == prompt[:n]:
                 llama_cpp.llama_memory_seq_cp(self.model.memory, donor.seq_id, slot.seq_id, 0, n)
                 slot.cache = prompt[:n]
+                slot.cells = self.cells.share(donor.cells, n)
                 slot.n_cached = n
             elif donor.busy and donor.pending and common_prefix(donor.cache + donor.pending, prompt) >= n:
                 continue  # still computing the shared prefix
@@ -382,6 +544,14 @@ class Scheduler:
 
     def _step(self) -> None:
         self._resolve_waits()
+        growing = sum(1 for s in self._slots if s.busy and s.next_token is not None)
+        if growing and not self._free_cells(growing):
+            # One sequence left and no cell for its next token: cannot happen for a request that passed submit
+            # (prompt + max_tokens fit the cache) unless llama.cpp holds cells we do not know of.
+            for slot in self._slots:
+                if slot.busy and slot.next_token is not None:
+                    self._fail(slot, EngineError("the context is full"))
+            return
         batch = self._batch
         entries: list[tuple[_Slot, int]] = []  # (slot, batch index) for outputs
         added: list[tuple[_Slot, list[int]]] = []
@@ -409,7 +579,8 @@ class Scheduler:
                 continue
             take = min(budget, len(slot.pending))
             base = len(slot.cache)
-            done = take == len(slot.pending)
+            # The prompt's last token gives the logits to sample; a rebuilt sequence has its token already.
+            done = take == len(slot.pending) and slot.resume_token is None
             for j in range(take):
                 put(slot.pending[j], base + j, slot.seq_id, done and j == take - 1)
             if done:
@@ -423,6 +594,10 @@ class Scheduler:
 
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self.model.ctx, batch)
+        if rc == 1 and self._free_some():
+            # llama.cpp found no room for the batch and applied nothing: cells were freed, build the step again.
+            log.info("llama.cpp found no KV room for a batch of %d tokens; cells freed, retrying", n)
+            return
         if rc != 0:
             log.error("llama_decode failed (%d) on a batch of %d tokens", rc, n)
             for slot, _ in added:
@@ -432,8 +607,12 @@ class Scheduler:
             return
         for slot, tokens in added:
             slot.cache.extend(tokens)
+            self.cells.grow(slot.cells, len(tokens))
             if slot.pending:
                 slot.pending = slot.pending[len(tokens):]
+                if not slot.pending and slot.resume_token is not None:
+                    # Rebuilt after a preemption: go on with the token it had sampled, sample nothing here.
+                    slot.next_token, slot.resume_token = slot.resume_token, None
             else:
                 slot.next_token = None
         for slot, index in entries:

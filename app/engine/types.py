@@ -173,7 +173,8 @@ class EngineProtocol(Protocol):
     """
 
     model_id: str
-    n_ctx_seq: int
+    n_ctx: int  # the KV cache's cells
+    n_ctx_seq: int  # the most one request may use (prompt + completion): the whole cache
     parallel: int
     capacity: int  # requests held at once (sequences + queue): a request needing more can never be admitted
     embeddings_enabled: bool
@@ -193,4 +194,9 @@ class EngineProtocol(Protocol):
     def queue_depth(self) -> int: ...
     @property
     def active(self) -> int: ...
+    @property
+    def kv_cells_used(self) -> int: ...
+    @property
+    def preemptions(self) -> int: ...
+    def context_info(self) -> dict[str, Any]: ...  # what /health reports of the context
     def close(self) -> None: ...

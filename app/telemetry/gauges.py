@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.telemetry.hardware import HardwareSampler
@@ -35,6 +35,12 @@ class LiveCollector(Collector):
             yield _gauge("queue_depth", "Requests waiting for a free sequence", engine.queue_depth)
             yield _gauge("slots_processing", "Sequences decoding now", engine.active)
             yield _gauge("slots_total", "Sequences decoded together (--parallel)", engine.parallel)
+            yield _gauge("kv_cells_used", "KV cache cells in use (a shared prefix counted once)",
+                         engine.kv_cells_used)
+            yield _gauge("kv_cells_total", "KV cache cells (the context size)", engine.n_ctx)
+            preempted = CounterMetricFamily(f"{PREFIX}_preemptions", "Sequences preempted because the KV cache "
+                                            "was full (recomputed when room returned)", value=engine.preemptions)
+            yield preempted
         hw = self.hardware.latest()
         yield _gauge("cpu_system_percent", "System CPU utilisation", hw.cpu_system_pct)
         yield _gauge("cpu_process_percent", "This process's CPU utilisation (100 = one core)", hw.cpu_process_pct)

@@ -19,7 +19,7 @@ from typing import Protocol
 from app.telemetry.hardware import HardwareSample, HardwareSampler, scalar_series
 from app.telemetry.history import History
 from app.telemetry.stats import RequestStats, Snapshot, percentile
-from app.telemetry.views import ServingView
+from app.telemetry.views import EngineLoad, ServingView
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,8 @@ class Reporter(StoppableThread):
         last_action = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=snap.idle_s)
         self.sink.set_properties(**{"idle time (s)": f"{snap.idle_s:.0f}",
                                     "last action": last_action.isoformat(timespec="seconds")})
-        for row in request_series(snap, latency, queued) + [Scalar(*row) for row in scalar_series(hardware)]:
+        rows = request_series(snap, latency, queued) + engine_series(self.view.engine)
+        for row in rows + [Scalar(*row) for row in scalar_series(hardware)]:
             self.sink.report_scalar(row.title, row.series, row.value, it)
 
 
@@ -186,6 +187,14 @@ def request_series(snap: Snapshot, latency: Latency, queued: int | None) -> list
         if value is not None:
             rows.append(Scalar("latency ms", series, value))
     return rows
+
+
+def engine_series(engine: EngineLoad | None) -> list[Scalar]:
+    """The KV cache's fill and the preemptions so far (sequences recomputed because the cache was full)."""
+    if engine is None:
+        return []
+    return [Scalar("kv cache", "cells used", engine.kv_cells_used), Scalar("kv cache", "cells", engine.n_ctx),
+            Scalar("kv cache", "preemptions", engine.preemptions)]
 
 
 def history_point(snap: Snapshot, latency: Latency, queued: int | None, hw: HardwareSample) -> dict[str, object]:

@@ -9,11 +9,16 @@ class EngineLoad(Protocol):
     """What telemetry reads of the engine."""
 
     parallel: int
+    n_ctx: int
 
     @property
     def queue_depth(self) -> int: ...
     @property
     def active(self) -> int: ...
+    @property
+    def kv_cells_used(self) -> int: ...
+    @property
+    def preemptions(self) -> int: ...
 
 
 class ServingView(Protocol):
