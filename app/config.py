@@ -17,10 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from app.engine.chat import CHAT_FORMATS
-from app.engine.settings import EngineSettings
+from app.engine.memory import CACHE_TYPE_BYTES, MAX_N_CTX, is_quantized
+from app.engine.settings import ALL_MOE_LAYERS, FLASH_ATTN_MODES, MAX_DEVICES, SPLIT_MODES, EngineSettings
 from app.model_source import ModelSourceError, ModelSpec, parse_spec
 
 GENERAL = "General"
@@ -36,8 +45,7 @@ ALL_GPU_LAYERS = 9999
 # Bounds. llama.cpp's own limits were measured by loading the demo model with llama-cpp-python 0.3.36
 # (app.engine.model.LlamaModel in a child process); the others are this app's choices, reasons given.
 LLAMA_MAX_SEQUENCES = 256  # n_seq_max 257: "n_seq_max must be <= 256"
-MIN_CTX_PER_SEQUENCE = 64  # a chat template, a short prompt and a short reply; llama.cpp itself has no minimum
-MAX_N_CTX = 1 << 20  # the longest trained contexts of released GGUF models (~1M); guards uint32 wrap-around
+MIN_N_CTX = 64  # a chat template, a short prompt and a short reply; llama.cpp itself has no minimum
 MAX_N_BATCH = 8192  # n_ubatch = n_batch: the compute buffer grows with n_batch x n_ctx (8 GiB at 8192 x 8192)
 MAX_THREADS = 1024  # absolute; the machine check below is tighter
 THREADS_PER_CORE = 4  # past the cores each thread only spins: 64 threads on 2 cores decode 8x slower
@@ -45,6 +53,9 @@ MAX_QUEUE = 4096  # waiting requests each hold a connection; 16 full waves of 25
 MAX_IDLE_HOURS = 8760.0  # a year; 0 already means "never"
 MIN_REPORT_INTERVAL_S = 1.0  # each report samples the machine and calls ClearML: at 1 ms an idle app used 90% of a core
 MAX_REPORT_INTERVAL_S = 3600.0  # the dashboard shows the last hour: at least one point in it
+# Fields that take one of a few names (compared lowercased).
+CHOICES = {"cache_type_k": tuple(CACHE_TYPE_BYTES), "cache_type_v": tuple(CACHE_TYPE_BYTES),
+           "flash_attn": FLASH_ATTN_MODES, "split_mode": SPLIT_MODES}
 CORS_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s,]+/?", re.IGNORECASE)  # scheme://host[:port]
 
 
@@ -110,10 +121,27 @@ class AppConfig(BaseModel):
         "header), a comma-separated list such as https://app.example.com, or 'none' to switch CORS off.",
     )
     n_ctx: int = _field(
-        8192, ADVANCED, "Context Size",
-        "Total context (KV cache) in tokens, shared by the parallel sequences: each sequence may use n_ctx / parallel, "
-        "which must be at least 64; 64 to 1048576.",
-        ge=MIN_CTX_PER_SEQUENCE, le=MAX_N_CTX,
+        0, ADVANCED, "Context Size",
+        "Context (KV cache) in tokens, shared by the parallel sequences; one request may use all of it. 0 = auto: "
+        "the model's trained context, capped by the memory that will hold the cache (free VRAM of the GPUs used "
+        "when layers are offloaded, else available RAM less the model) minus max(512 MiB, 10%), rounded down to "
+        "a multiple of 256. A size whose cache does not fit is refused at load, naming the size that would. "
+        "0 or 64 to 1048576.",
+        ge=0, le=MAX_N_CTX,
+    )
+    cache_type_k: str = _field(
+        "f16", ADVANCED, "KV Cache Type K",
+        "Type of the cached keys: f16, f32, bf16, or a quantized q8_0 (about half of f16's memory), q5_1, q5_0, "
+        "q4_1, q4_0, iq4_nl (about a quarter, with a quality cost).",
+    )
+    cache_type_v: str = _field(
+        "f16", ADVANCED, "KV Cache Type V",
+        "Type of the cached values, as for cache_type_k; a quantized V cache needs flash attention (flash_attn "
+        "auto or on).",
+    )
+    flash_attn: str = _field(
+        "auto", ADVANCED, "Flash Attention",
+        "auto (llama.cpp uses it where the backend supports it), on or off.",
     )
     n_threads: int = _field(
         0, ADVANCED, "Threads",
@@ -122,16 +150,42 @@ class AppConfig(BaseModel):
     )
     n_batch: int = _field(
         512, ADVANCED, "Batch Size",
-        "Most tokens given to one llama_decode call; at least parallel, at most n_ctx and 8192.",
+        "Most tokens given to one llama_decode call; at least parallel, at most 8192 and n_ctx (with n_ctx 0, "
+        "capped at the chosen context).",
         ge=1, le=MAX_N_BATCH,
     )
     parallel: int = _field(
-        4, ADVANCED, "Parallel Sequences", "Requests decoded together; the queue holds the rest; 1 to 256.",
+        4, ADVANCED, "Parallel Sequences",
+        "Requests decoded together; the queue holds the rest; 1 to 256. 4 by default because on a CPU every "
+        "stream slows the others (2 cores, small model: 78 tok/s alone, about 32 each of 4, 22 each of 8); "
+        "raise it on a GPU, where more streams cost little.",
         ge=1, le=LLAMA_MAX_SEQUENCES,
     )
     max_queue: int = _field(
         64, ADVANCED, "Max Queue", "Requests that may wait for a free sequence; beyond that: 429; 0 to 4096.",
         ge=0, le=MAX_QUEUE,
+    )
+    split_mode: str = _field(
+        "layer", ADVANCED, "GPU Split Mode",
+        "How the model is spread over several GPUs: layer (whole layers and their cache per GPU), row (each "
+        "tensor split by rows; needs fast links between GPUs) or none (main_gpu only).",
+    )
+    tensor_split: str = _field(
+        "", ADVANCED, "GPU Tensor Split",
+        "Share of the model per GPU as comma-separated non-negative numbers, e.g. 3,1 (at most 16); empty = in "
+        "proportion to each GPU's free memory.",
+    )
+    main_gpu: int = _field(
+        0, ADVANCED, "Main GPU",
+        "The GPU (index among the visible ones) that holds the whole model with split_mode none; 0 to 15.",
+        ge=0, le=MAX_DEVICES - 1,
+    )
+    n_cpu_moe: int = _field(
+        0, ADVANCED, "CPU MoE Layers",
+        "Keep the MoE expert weights of the first N layers in CPU memory (llama.cpp's --n-cpu-moe), freeing VRAM "
+        "for attention, more layers and context; 9999 = every layer (--cpu-moe); 0 = off; no effect on models "
+        "without experts.",
+        ge=0, le=ALL_MOE_LAYERS,
     )
     embeddings: bool = _field(False, ADVANCED, "Embeddings", "Serve /v1/embeddings.")
     chat_format: str = _field(
@@ -163,6 +217,41 @@ class AppConfig(BaseModel):
                                  "or use '*' or 'none'")
         return value
 
+    @field_validator("n_ctx")
+    @classmethod
+    def _auto_or_roomy(cls, value: int) -> int:
+        if 0 < value < MIN_N_CTX:
+            raise ValueError(f"must be 0 (auto) or at least {MIN_N_CTX}")
+        return value
+
+    @field_validator(*CHOICES)
+    @classmethod
+    def _one_of(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip().lower()
+        choices = CHOICES[str(info.field_name)]
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _shares(cls, value: str) -> str:
+        items = [item.strip() for item in value.split(",")] if value.strip() else []
+        shares = []
+        for item in items:
+            try:
+                share = float(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a number: give comma-separated shares such as 3,1") from None
+            if not 0 <= share < float("inf"):
+                raise ValueError(f"{item!r} is not a non-negative share")
+            shares.append(share)
+        if len(shares) > MAX_DEVICES:
+            raise ValueError(f"{len(shares)} shares for at most {MAX_DEVICES} GPUs")
+        if shares and not any(shares):
+            raise ValueError("at least one share must be positive; leave it empty to split by free memory")
+        return ",".join(items)
+
     @field_validator("reasoning_format")
     @classmethod
     def _known_reasoning_format(cls, value: str) -> str:
@@ -191,8 +280,8 @@ class AppConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fits_llama_cpp(self) -> AppConfig:
-        """Combinations llama.cpp aborts on (measured), refused before anything loads."""
-        if self.n_batch > self.n_ctx:
+        """Combinations llama.cpp aborts on (measured) or refuses, refused before anything loads."""
+        if self.n_ctx and self.n_batch > self.n_ctx:
             # llama.cpp cuts its batch to n_ctx while the scheduler fills n_batch: GGML_ASSERT at the first long decode.
             raise ValueError(f"n_batch ({self.n_batch}) must not exceed n_ctx ({self.n_ctx}): "
                              "llama.cpp caps its batch at the context; lower n_batch")
@@ -200,11 +289,10 @@ class AppConfig(BaseModel):
             # Each step decodes one token of every sequence in one batch: GGML_ASSERT(n_outputs_max ...) at load.
             raise ValueError(f"n_batch ({self.n_batch}) must be at least parallel ({self.parallel}): "
                              "each step decodes one token of every sequence together")
-        per_sequence = self.n_ctx // self.parallel
-        if per_sequence < MIN_CTX_PER_SEQUENCE:
-            raise ValueError(f"n_ctx ({self.n_ctx}) / parallel ({self.parallel}) leaves {per_sequence} tokens "
-                             f"per sequence, fewer than {MIN_CTX_PER_SEQUENCE}: raise n_ctx to at least "
-                             f"{MIN_CTX_PER_SEQUENCE * self.parallel} or lower parallel")
+        if is_quantized(self.cache_type_v) and self.flash_attn == "off":
+            # llama.cpp refuses to create the context: "V cache quantization requires flash_attn".
+            raise ValueError(f"cache_type_v {self.cache_type_v} needs flash attention: set flash_attn to auto or "
+                             "on, or cache_type_v to f16")
         return self
 
     # --- views ---------------------------------------------------------------
@@ -215,7 +303,13 @@ class AppConfig(BaseModel):
             path=path, model_id=model_id, n_ctx=self.n_ctx, n_batch=self.n_batch,
             n_threads=self.n_threads or usable_cores(), n_gpu_layers=self.n_gpu_layers, parallel=self.parallel,
             max_queue=self.max_queue, embeddings=self.embeddings, chat_format=self.chat_format,
-            tool_format=self.tool_format, reasoning_format=self.reasoning_format, verbose=verbose)
+            tool_format=self.tool_format, reasoning_format=self.reasoning_format, cache_type_k=self.cache_type_k,
+            cache_type_v=self.cache_type_v, flash_attn=self.flash_attn, split_mode=self.split_mode,
+            tensor_split=self.tensor_shares(), main_gpu=self.main_gpu, n_cpu_moe=self.n_cpu_moe, verbose=verbose)
+
+    def tensor_shares(self) -> tuple[float, ...]:
+        """tensor_split as numbers; empty when not given."""
+        return tuple(float(item) for item in self.tensor_split.split(",")) if self.tensor_split else ()
 
     def model_spec(self) -> ModelSpec:
         """The model spec, parsed (raises ModelSourceError with one line when it names nothing fetchable)."""
@@ -394,7 +488,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; defaults are suppressed so only given flags override."""
     for name, info in AppConfig.model_fields.items():
         help_text = (f"[{field_section(name)}: {field_label(name)}] {field_description(name)} "
-                     f"(default: {info.default!r})")
+                     f"(default: {info.default!r})").replace("%", "%%")  # argparse formats help with %
         if info.annotation is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)

@@ -53,8 +53,7 @@ TOO_MANY_THREADS = cfg.THREADS_PER_CORE * cfg.usable_cores() + 1
 @pytest.mark.parametrize("args,words", [
     (["--model", "demo", "--n-threads", "100000"], ["n_threads", "1024"]),
     (["--model", "demo", "--n-threads", str(TOO_MANY_THREADS)], ["n_threads", "usable core"]),
-    (["--model", "demo", "--n-ctx", "16", "--parallel", "256"], ["n_ctx", "64"]),
-    (["--model", "demo", "--n-ctx", "4096", "--parallel", "256"], ["tokens per sequence", "16384"]),
+    (["--model", "demo", "--n-ctx", "16", "--parallel", "256"], ["n_ctx", "0 (auto) or at least 64"]),
     (["--model", "demo", "--n-batch", "2", "--parallel", "4"], ["n_batch (2)", "parallel (4)"]),
     (["--model", "demo", "--n-ctx", "256", "--n-batch", "512"], ["n_batch (512)", "n_ctx (256)"]),
     (["--model", "demo", "--last-action-report-interval-sec", "0.001"], ["last_action_report_interval_sec"]),
@@ -98,7 +97,9 @@ from app.engine.settings import EngineSettings
 n_ctx, n_batch, parallel = map(int, sys.argv[2:5])
 LlamaModel(EngineSettings(path=sys.argv[1], model_id="probe", n_ctx=n_ctx, n_batch=n_batch, n_threads=2,
                           n_gpu_layers=0, parallel=parallel, max_queue=0, embeddings=False,
-                          chat_format="auto", tool_format="auto", reasoning_format="auto")).close()
+                          chat_format="auto", tool_format="auto", reasoning_format="auto", cache_type_k="f16",
+                          cache_type_v="f16", flash_attn="auto", split_mode="layer", tensor_split=(), main_gpu=0,
+                          n_cpu_moe=0)).close()
 print("LOADED")
 """
 
@@ -111,9 +112,9 @@ def load_in_child(model: str, n_ctx: int, n_batch: int, parallel: int) -> subpro
 def test_the_limits_are_llama_cpps_own(demo_model: str) -> None:
     """The smallest batch the configuration accepts for 256 sequences loads; one token less aborts llama.cpp."""
     most = cfg.LLAMA_MAX_SEQUENCES
-    ok = load_in_child(demo_model, most * cfg.MIN_CTX_PER_SEQUENCE, most, most)
+    ok = load_in_child(demo_model, most * cfg.MIN_N_CTX, most, most)
     assert "LOADED" in ok.stdout, ok.stderr[-2000:]
-    aborted = load_in_child(demo_model, most * cfg.MIN_CTX_PER_SEQUENCE, most - 1, most)
+    aborted = load_in_child(demo_model, most * cfg.MIN_N_CTX, most - 1, most)
     assert aborted.returncode != 0 and "n_outputs_max" in aborted.stderr
     too_many = load_in_child(demo_model, 1024, 512, most + 1)
     assert too_many.returncode != 0 and f"n_seq_max must be <= {most}" in too_many.stderr
