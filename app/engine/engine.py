@@ -44,7 +44,8 @@ class LlamaEngine:
         self.template: ChatTemplate = select_template(
             options.chat_format, self.model.chat_template(), self.model.bos_text(), self.model.eos_text())
         self.output_format = choose_output_format(options.tool_format, options.reasoning_format, self.template)
-        self.scheduler = Scheduler(self.model, options.parallel, options.max_queue, options.n_batch)
+        # The model's batch: capped at the context when the context was chosen at load (n_ctx 0).
+        self.scheduler = Scheduler(self.model, options.parallel, options.max_queue, self.model.n_batch)
         self.n_ctx = self.scheduler.n_ctx
         self.n_ctx_seq = self.scheduler.n_ctx_seq
         self.capacity = self.scheduler.capacity
@@ -121,10 +122,10 @@ class LlamaEngine:
     def context_info(self) -> dict[str, Any]:
         """The effective context for clients sizing their prompts: cells, the most one request may use, the
         model's trained context and the KV cache's types."""
-        chosen = dict(getattr(self.model, "context_info", None) or {})
+        chosen = self.model.context_info
         return {"n_ctx": self.n_ctx, "max_request_tokens": self.n_ctx_seq,
-                "n_ctx_train": int(self.model.n_ctx_train),
-                "kv_cache_type_k": chosen.get("type_k", "f16"), "kv_cache_type_v": chosen.get("type_v", "f16"),
+                "n_ctx_train": int(self.model.n_ctx_train), "kv_cache_type_k": chosen["type_k"],
+                "kv_cache_type_v": chosen["type_v"], "flash_attn": chosen["flash_attn"],
                 "kv_cells_used": self.kv_cells_used}
 
     # --- embeddings ------------------------------------------------------------------------
@@ -173,8 +174,8 @@ class LlamaEngine:
 
 
 def load_engine(options: EngineSettings) -> LlamaEngine:
-    log.info("loading %s (n_ctx %d, %d parallel sequences, %s GPU layers)",
-             options.path, options.n_ctx, options.parallel, options.n_gpu_layers)
+    log.info("loading %s (n_ctx %s, %d parallel sequences, %s GPU layers)", options.path,
+             options.n_ctx or "auto", options.parallel, options.n_gpu_layers)
     engine = LlamaEngine(options)
     info: dict[str, object | None] = dict(engine.model.describe())
     log.info("model loaded: %s, %s parameters, %d threads; context %d tokens, shared by up to %d sequences "
