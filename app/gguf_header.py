@@ -19,6 +19,7 @@ _SCALARS = {
     GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
     GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
+_LENGTH = struct.Struct("<Q")
 DEFAULT_ALIGNMENT = 32
 MAX_STRING = 1 << 28  # a sane bound: anything larger is a damaged file, not a string
 
@@ -51,6 +52,27 @@ def _string(fh: BinaryIO) -> str:
     return _read(fh, n).decode("utf-8", errors="replace")
 
 
+def _skip_strings(fh: BinaryIO, count: int) -> None:
+    """Step over `count` strings (a vocabulary: 262k of them) reading only their lengths, a chunk at a time."""
+    chunk = b""
+    pos = 0  # in `chunk`
+    start = fh.tell()
+    consumed = 0  # bytes of the file before `chunk`
+    for _ in range(count):
+        if pos + 8 > len(chunk):
+            consumed += pos
+            fh.seek(start + consumed)
+            chunk = fh.read(1 << 20)
+            pos = 0
+            if len(chunk) < 8:
+                raise HeaderError("unexpected end of file in the header")
+        (n,) = _LENGTH.unpack_from(chunk, pos)
+        if n > MAX_STRING:
+            raise HeaderError(f"implausible string length {n}")
+        pos += 8 + n
+    fh.seek(start + consumed + pos)  # past the end for a cut file: the next read says so
+
+
 def _value(fh: BinaryIO, vtype: int) -> Any:
     t = GGUFValueType(vtype)
     if t in _SCALARS:
@@ -64,6 +86,8 @@ def _value(fh: BinaryIO, vtype: int) -> Any:
         et = GGUFValueType(etype)
         if et in _SCALARS:
             fh.seek(struct.calcsize(_SCALARS[et]) * count, 1)
+        elif et == GGUFValueType.STRING:
+            _skip_strings(fh, count)
         else:
             for _ in range(count):
                 _value(fh, etype)
