@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from app.config import AppConfig
 from app.lifecycle import Lifecycle
@@ -17,12 +18,70 @@ from app.model_source import ModelSourceError, ModelSpec, RemoteStore, fetch, in
 log = logging.getLogger("app")
 
 
+def fetch_and_load(config: AppConfig, spec: ModelSpec, model_id: str, store: RemoteStore | None) -> Any:
+    """The GGUF fetched, checked and loaded: the engine (app.engine.engine.LlamaEngine)."""
+    from app.engine.engine import load_engine  # llama.cpp is imported here, off the start-up path
+
+    path = fetch(spec, config.hf_token, store)
+    log.info("model file: %s", inspect_gguf(path).summary())
+    return load_engine(config.engine_settings(path, model_id, verbose=log.isEnabledFor(logging.DEBUG)))
+
+
+class EarlyLoad:
+    """A local run's model load, started before ClearML: the configuration comes from the command line, so the
+    load need not wait for the SDK's import and offline session (about half a second of the cold start). Under an
+    agent the task's values decide, and a ClearML model needs the SDK: no early load there."""
+
+    def __init__(self, config: AppConfig, spec: ModelSpec, model_id: str) -> None:
+        self.config = config
+        self.spec = spec
+        self.model_id = model_id
+        self._done = threading.Event()
+        self._engine: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="model-early-load", daemon=True)
+
+    @classmethod
+    def start(cls, config: AppConfig) -> EarlyLoad | None:
+        spec = config.model_spec()
+        if spec.kind == "clearml":
+            return None
+        early = cls(config, spec, config.served_name)
+        early._thread.start()
+        return early
+
+    def _run(self) -> None:
+        try:
+            self._engine = fetch_and_load(self.config, self.spec, self.model_id, None)
+        except BaseException as exc:  # handed to the loader, which reports it like its own
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def matches(self, config: AppConfig) -> bool:
+        return config == self.config
+
+    def result(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._engine
+
+    def discard(self) -> None:
+        """The run ended before the loader took the engine: free it once loaded."""
+        self._done.wait()
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
 class ModelLoader:
     """Owns the loader thread; `start()` and `join()` are its whole lifecycle."""
 
     def __init__(self, config: AppConfig, spec: ModelSpec, model_id: str, lifecycle: Lifecycle,
                  store: RemoteStore | None, on_loaded: Callable[[], None], gpus: Callable[[], int],
-                 on_gpu_offload: Callable[[str], object]) -> None:
+                 on_gpu_offload: Callable[[str], object], early: EarlyLoad | None = None) -> None:
+        self.early = early if early is not None and early.matches(config) else None
         self.config = config
         self.spec = spec
         self.model_id = model_id
@@ -41,12 +100,9 @@ class ModelLoader:
             self._thread.join(timeout)
 
     def _load(self) -> None:
-        from app.engine.engine import load_engine  # llama.cpp is imported here, off the start-up path
         from app.engine.model import gpu_offload_problem
 
         try:
-            path = fetch(self.spec, self.config.hf_token, self.store)
-            log.info("model file: %s", inspect_gguf(path).summary())
             gpus = self.gpus()
             problem = gpu_offload_problem(self.config.n_gpu_layers, gpus)
             if problem:
@@ -56,8 +112,10 @@ class ModelLoader:
             elif self.config.n_gpu_layers == 0:
                 problem = "off: Number of GPU Layers is 0"
             self.on_gpu_offload(problem or f"up to {self.config.n_gpu_layers} layers on {gpus} GPU(s)")
-            engine = load_engine(self.config.engine_settings(path, self.model_id,
-                                                             verbose=log.isEnabledFor(logging.DEBUG)))
+            if self.early is not None:
+                engine = self.early.result()
+            else:
+                engine = fetch_and_load(self.config, self.spec, self.model_id, self.store)
         except ModelSourceError as exc:
             self.lifecycle.fail(str(exc))
             return

@@ -14,18 +14,11 @@ import threading
 from collections.abc import Callable, Sequence
 
 from app import config as cfg
-from app.api.app import create_app
-from app.api.auth import generate_key
-from app.api.context import ServingContext
-from app.clearml.endpoint import EndpointRegistration, model_references, published_endpoint
 from app.clearml.session import DEFAULT_PROJECT, DEFAULT_TASK_NAME, AppTask, offline_requested
-from app.clearml.storage import ClearMLStorage
 from app.endpoint import GPU_OFFLOAD, IDLE_TIME, LAST_ACTION, STATUS, EndpointInfo
 from app.lifecycle import Lifecycle, State
-from app.loader import ModelLoader
-from app.server import bind_socket, serve
+from app.loader import EarlyLoad, ModelLoader
 from app.telemetry.history import ConsoleTail
-from app.telemetry.reporter import IdleWatchdog, Reporter
 
 log = logging.getLogger("app")
 
@@ -131,9 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     warn_visible_secrets(args)
     # ClearML records the command line on the task: secrets given as flags must not ride along.
     sys.argv[:] = scrub_secrets(sys.argv)
+    early = start_early_load(args)
     task: AppTask | None = None
     try:
-        task = AppTask.start(offline_requested(args.offline), args.project_name, args.task_name)
+        task = AppTask.start(offline_requested(args.offline), args.project_name, args.task_name,
+                             backlog=console.tail)
     except Exception as exc:  # no ClearML must not mean no endpoint
         log.warning("ClearML task could not start (%s); serving without a task", exc)
     try:
@@ -144,10 +139,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_failure(task, str(exc))
         return leave(task, EXIT_CONFIG)
     try:
-        code = run(config, task, args.drain_timeout_sec, console)
+        code = run(config, task, args.drain_timeout_sec, console, early)
     finally:
         logging.getLogger().removeHandler(console)
     return leave(task, code)
+
+
+def start_early_load(args: argparse.Namespace) -> EarlyLoad | None:
+    """Locally the command line is the configuration: start fetching and loading the model now, while ClearML
+    starts. Under an agent (or with a configuration that will be refused) the usual path decides."""
+    if os.environ.get("CLEARML_TASK_ID"):
+        return None
+    try:
+        config = resolve_config(args)
+        cfg.check_runnable(config)
+        return EarlyLoad.start(config)
+    except Exception:  # reported, with its cause, once the task exists
+        return None
 
 
 def leave(task: AppTask | None, code: int) -> int:
@@ -161,7 +169,16 @@ def leave(task: AppTask | None, code: int) -> int:
     return code
 
 
-def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, console: ConsoleTail) -> int:
+def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, console: ConsoleTail,
+        early: EarlyLoad | None = None) -> int:
+    # The serving side (FastAPI, uvicorn, telemetry) is imported here, after the model load has started.
+    from app.api.auth import generate_key
+    from app.api.context import ServingContext
+    from app.clearml.endpoint import EndpointRegistration, model_references, published_endpoint
+    from app.clearml.storage import ClearMLStorage
+    from app.server import bind_socket, serve
+    from app.telemetry.reporter import IdleWatchdog, Reporter
+
     log.info("configuration: %s", config.masked())
     spec = config.model_spec()  # checked by check_runnable: parses
     model_id = config.served_name
@@ -182,6 +199,8 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
         sock = bind_socket(config.host, config.port, any_free_port=task is not None and task.running_remotely)
     except OSError as exc:
         lifecycle.fail(str(exc))
+        if early is not None:
+            early.discard()
         return finish(task, lifecycle, finished)
     port = sock.getsockname()[1]
     log.info("listening on %s:%d", config.host, port)
@@ -189,7 +208,8 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
     loader = ModelLoader(config, spec, model_id, lifecycle, ClearMLStorage() if task is not None else None,
                          on_loaded=context.stats.restart_idle_clock,
                          gpus=lambda: len(context.hardware.latest().gpus),
-                         on_gpu_offload=lambda text: task.set_properties(**{GPU_OFFLOAD: text}) if task else None)
+                         on_gpu_offload=lambda text: task.set_properties(**{GPU_OFFLOAD: text}) if task else None,
+                         early=early)
     loader.start()
     context.endpoint = published_endpoint(task, config.host, port, context.api_key, model_id, config.static_route)
     announce(context.endpoint)
@@ -205,6 +225,8 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
                         config.last_action_report_interval_sec, endpoint=registration)
     reporter.start()
     watchdog.start()
+    from app.api.app import create_app  # FastAPI and the routes: imported while the model loads
+
     try:
         serve(create_app(context), lifecycle, context.stats, sock, drain_timeout_s)
     finally:

@@ -90,6 +90,10 @@ def test_offline_task_story_and_idle_shutdown(tmp_path: Path) -> None:
     order = [console.find(s) for s in ("status: loading", "status: idle", "status: active", "status: stopped")]
     assert all(i >= 0 for i in order) and order[0] < order[1] < order[2] < order[3], console[-2000:]
     assert "idle for" in console
+    # The model starts loading before ClearML on a local run: its first lines reach the console all the same,
+    # and the model is loaded once.
+    assert "model file: gemma-3-270m-q4_k_m.gguf" in console
+    assert sum("model file:" in line for line in app.lines) == 1
 
     everything = app.log + "".join(p.read_text(errors="replace") for p in session.rglob("*") if p.is_file())
     assert HF_TOKEN not in everything

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,10 @@ class AppTask:
     # --- start-up ------------------------------------------------------------------
 
     @classmethod
-    def start(cls, offline: bool, project: str, name: str) -> AppTask:
+    def start(cls, offline: bool, project: str, name: str,
+              backlog: Callable[[], Sequence[str]] = tuple) -> AppTask:
+        """The task, its console fed from now on with our log and, first, `backlog()`: the lines logged before
+        (on a local run the model starts loading before ClearML)."""
         from clearml import Task
 
         under_agent = bool(os.environ.get("CLEARML_TASK_ID"))
@@ -139,6 +142,7 @@ class AppTask:
             # agent forwards the process's own output, and the SDK would send WARNING and above a second time.
             handler = TaskLogHandler(task)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handler.replay(backlog())
             logging.getLogger().addHandler(handler)
             app_task._log_handler = handler
         app_task.start_outbox()
@@ -346,6 +350,14 @@ class TaskLogHandler(logging.Handler):
         super().__init__(level=logging.INFO)
         self._logger = task.get_logger()
         self._inside = threading.local()
+
+    def replay(self, lines: Sequence[str]) -> None:
+        """Lines logged before the task existed (the model load starts before ClearML on a local run)."""
+        for line in lines:
+            try:
+                self._logger.report_text(line, print_console=False)
+            except Exception:
+                return
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(self._inside, "busy", False) or record.name.startswith("clearml"):
