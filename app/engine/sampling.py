@@ -54,12 +54,27 @@ def _schema_grammar(schema: Any) -> str:
     return gbnf
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """Temperature 0 with nothing that reshapes the logits: the choice is the logits' argmax."""
+    return (params.temperature <= 0 and not params.grammar and not params.logit_bias
+            and not params.presence_penalty and not params.frequency_penalty and params.repeat_penalty == 1.0)
+
+
 class SamplerChain:
-    """One llama.cpp sampler chain for one sequence; freed with `close()`."""
+    """One llama.cpp sampler chain for one sequence; freed with `close()`.
+
+    Plain greedy sampling skips the chain: llama.cpp would copy the whole vocabulary (262k candidates for
+    Gemma 3) into a candidate array per token to find its maximum; an argmax over the logits in place picks the
+    same token (the first of equal maxima, as llama.cpp's greedy sampler does: tests/test_sampling_fast_path.py).
+    """
 
     def __init__(self, vocab: Any, n_vocab: int, params: SamplingParams) -> None:
+        self._n_vocab = n_vocab
+        self._chain: Any | None = None
+        if is_plain_greedy(params):
+            return
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        self._chain: Any | None = chain
+        self._chain = chain
 
         def add(sampler: Any) -> None:
             if not sampler:
@@ -103,6 +118,8 @@ class SamplerChain:
 
     def sample(self, ctx: Any, index: int) -> int:
         """Sample from the logits at batch output `index` and advance the chain's state."""
+        if self._chain is None:
+            return int(np.argmax(logits_at(ctx, index, self._n_vocab)))
         return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
 
     def close(self) -> None:
