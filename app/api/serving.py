@@ -96,6 +96,13 @@ def resolve_max_tokens(requested: int | None, n_prompt: int, n_ctx_seq: int) -> 
     return room
 
 
+async def response_format_grammar(response_format: dict[str, Any] | None) -> str | None:
+    """The grammar for a response_format, converted in a worker thread; free text costs no thread hop."""
+    if not response_format or response_format.get("type") in (None, "text"):
+        return None
+    return await asyncio.to_thread(grammar_for_response_format, response_format)
+
+
 def check_token_ids(engine: EngineProtocol, tokens: list[int], param: str) -> list[int]:
     """Token ids from a client, refused (400) if empty or outside the vocabulary, never handed to llama.cpp."""
     if not tokens:
@@ -122,7 +129,7 @@ async def build_chat(engine: EngineProtocol, body: ChatCompletionRequest) -> tup
     if plan.forced is not None:
         grammar = await asyncio.to_thread(forced_grammar, plan, body.parallel_tool_calls, prompt.opens_reasoning)
     else:
-        grammar = await asyncio.to_thread(grammar_for_response_format, body.response_format)
+        grammar = await response_format_grammar(body.response_format)
     bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(requested, len(prompt.tokens), engine.n_ctx_seq)
@@ -156,7 +163,7 @@ async def build_completion(engine: EngineProtocol, body: CompletionRequest) -> l
         prompts = [raw]  # type: ignore[list-item]  # one prompt given as token ids
     else:
         prompts = list(raw)  # type: ignore[arg-type]
-    grammar = await asyncio.to_thread(grammar_for_response_format, body.response_format)
+    grammar = await response_format_grammar(body.response_format)
     out: list[ChoiceSpec] = []
     for p_index, prompt in enumerate(prompts):
         if isinstance(prompt, str):
