@@ -146,7 +146,13 @@ class HTTPClient:
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **self.extra}
 
         def chunks() -> Iterable[object]:
-            with self.http.stream("POST", self.url, json=body) as r:
+            try:
+                response = self.http.send(self.http.build_request("POST", self.url, json=body), stream=True)
+            except httpx.RemoteProtocolError:
+                # llama-server (cpp-httplib) closes a keep-alive connection after a few requests without saying
+                # so: the request never reached it, so it is sent again on a new connection, as clients do.
+                response = self.http.send(self.http.build_request("POST", self.url, json=body), stream=True)
+            with response as r:
                 r.raise_for_status()
                 for line in r.iter_lines():
                     if not line.startswith("data: {"):
