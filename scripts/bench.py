@@ -152,15 +152,17 @@ class HTTPClient:
                 # llama-server (cpp-httplib) closes a keep-alive connection after a few requests without saying
                 # so: the request never reached it, so it is sent again on a new connection, as clients do.
                 response = self.http.send(self.http.build_request("POST", self.url, json=body), stream=True)
-            with response as r:
-                r.raise_for_status()
-                for line in r.iter_lines():
+            try:
+                response.raise_for_status()
+                for line in response.iter_lines():
                     if not line.startswith("data: {"):
                         continue
                     data = json.loads(line[6:])
                     choices = data.get("choices") or []
                     if choices and choices[0].get("text"):
                         yield choices[0]["text"]
+            finally:
+                response.close()
         return timed(chunks())
 
 
