@@ -119,3 +119,31 @@ def test_preemptions_and_the_cache_fill_are_reported(engine: LlamaEngine) -> Non
     assert 0 < rows[("kv cache", "cells used")] <= engine.model.n_ctx  # idle caches kept for prefix reuse
     info = engine.context_info()
     assert info["n_ctx"] == info["max_request_tokens"] == engine.model.n_ctx and info["n_ctx_train"] == 32768
+
+
+def test_a_rebuilt_sequence_preempted_while_waiting_for_a_donor_keeps_its_tokens(engine: LlamaEngine) -> None:
+    """A parked request being rebuilt may wait for another sequence's prefix; preempted again then, it must keep
+    what it was rebuilding (prompt and generated tokens) and the token it had sampled, not restart its prompt."""
+    from app.engine.text import TextStream
+    from app.engine.types import RequestHandle
+
+    scheduler = engine.scheduler
+    prompt = [2, 10, 11, 12]
+    rebuilding = prompt + [20, 21, 22]  # the prompt and three generated tokens
+
+    def job() -> tuple[list[int], int | None]:
+        slot, donor = scheduler._slots[0], scheduler._slots[1]
+        assert not slot.busy and not donor.busy
+        handle = RequestHandle(request(prompt, 8), asyncio.new_event_loop())
+        slot.handle, slot.text, slot.tokens = handle, TextStream([]), rebuilding
+        slot.wait_for, slot.resume_token, slot.pending = (donor, 5), 23, []
+        scheduler._preempt(slot)
+        parked = scheduler._parked.popleft()
+        scheduler.preemptions -= 1
+        return parked.tokens, parked.resume_token
+
+    async def run() -> tuple[list[int], int | None]:
+        return await scheduler.run_job(job)
+
+    tokens, resume = asyncio.run(run())
+    assert tokens == rebuilding and resume == 23

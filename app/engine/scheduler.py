@@ -87,6 +87,7 @@ class _Slot:
     seq_id: int
     cache: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, positions 0..n-1
     cells: list[int] = field(default_factory=list)  # their cells (CellLedger ids), parallel to `cache`
+    tokens: list[int] = field(default_factory=list)  # what the sequence is reading: its prompt, or a parked one's
     admitted: int = 0  # admission order: the newest is preempted first
     resume_token: int | None = None  # a resumed sequence decodes this once its tokens are rebuilt
     handle: RequestHandle | None = None
@@ -362,11 +363,8 @@ class Scheduler:
         of those waiting for a donor's prefix."""
         total = 0
         for s in self._slots:
-            if s.busy and s.handle is not None:
-                if s.wait_for is not None:
-                    total += len(s.handle.request.prompt_tokens) - s.wait_for[1]
-                else:
-                    total += len(s.pending)
+            if s.busy:
+                total += len(s.tokens) - s.wait_for[1] if s.wait_for is not None else len(s.pending)
         return total
 
     def _room(self) -> int:
@@ -375,16 +373,17 @@ class Scheduler:
     def _make_room(self, tokens: list[int], free: list[_Slot]) -> bool:
         """Whether `tokens` may be admitted now, evicting idle caches (least useful first) if that makes room.
         With nothing running the request is always admitted: submit checked that it fits the whole cache."""
-        best = max((common_prefix(s.cache, tokens) for s in self._slots), default=0)
+        prefix = {s.seq_id: common_prefix(s.cache, tokens) for s in self._slots}
+        best = max(prefix.values(), default=0)
         generating = sum(1 for s in self._slots if s.busy)
         need = len(tokens) - best + 1 + GROWTH_RESERVE * generating
         if self._room() >= need:
             return True
-        idle = sorted((s for s in free if s.cache), key=lambda s: common_prefix(s.cache, tokens))
+        idle = sorted((s for s in free if s.cache), key=lambda s: prefix[s.seq_id])
         for slot in idle:
             if self._room() >= need:
                 break
-            if common_prefix(slot.cache, tokens) == best and best > 0:
+            if prefix[slot.seq_id] == best and best > 0:
                 continue  # the prefix this request will reuse
             self._forget(slot)
         if self._room() >= need:
@@ -445,6 +444,7 @@ class Scheduler:
             reused = own_n
 
         slot.handle = handle
+        slot.tokens = prompt
         slot.admitted = next(self._admissions)
         slot.pending = prompt[len(slot.cache):] if wait_for is None else []
         slot.wait_for = wait_for
@@ -472,13 +472,10 @@ class Scheduler:
         """Free a running sequence's cells and park it, tokens and sampler kept, at the head of the line."""
         handle = slot.handle
         assert handle is not None and slot.text is not None
-        if slot.wait_for is not None:
-            tokens = list(handle.request.prompt_tokens)
-        else:
-            tokens = slot.cache + slot.pending
-        resume = slot.next_token if not slot.pending and slot.wait_for is None else None
-        if resume is None and slot.resume_token is not None and slot.pending:
-            resume = slot.resume_token  # preempted again while being rebuilt
+        reading = slot.wait_for is not None or bool(slot.pending)  # still reading its tokens
+        tokens = list(slot.tokens) if slot.wait_for is not None else slot.cache + slot.pending
+        # A sequence still reading has sampled nothing new: a rebuilt one keeps the token it had sampled before.
+        resume = slot.resume_token if reading else slot.next_token
         self._parked.appendleft(_Parked(handle, tokens, resume, slot.text, slot.n_prompt, slot.n_cached,
                                         slot.n_generated, slot.held_logprobs, slot.held_tokens))
         slot.handle = None
@@ -508,18 +505,10 @@ class Scheduler:
         return False
 
     def _free_cells(self, need: int) -> bool:
-        """Make `need` cells free for the next step: idle caches first, then the newest running sequences
-        (never the last one). False when nothing more can be freed."""
-        for slot in sorted((s for s in self._slots if not s.busy and s.cache and not self._is_donor(s)),
-                           key=lambda s: s.admitted):
-            if self._room() >= need:
-                return True
-            self._forget(slot)
+        """Make `need` cells free for the next step (see _free_some); False when nothing more can be freed."""
         while self._room() < need:
-            running = [s for s in self._slots if s.busy]
-            if len(running) <= 1:
-                return self._room() >= need
-            self._preempt(max(running, key=lambda s: s.admitted))
+            if not self._free_some():
+                return False
         return True
 
     def _resolve_waits(self) -> None:
@@ -527,7 +516,7 @@ class Scheduler:
             if slot.wait_for is None or slot.handle is None:
                 continue
             donor, n = slot.wait_for
-            prompt = slot.handle.request.prompt_tokens
+            prompt = slot.tokens
             if len(donor.cache) >= n and donor.cache[:n] == prompt[:n]:
                 llama_cpp.llama_memory_seq_cp(self.model.memory, donor.seq_id, slot.seq_id, 0, n)
                 slot.cache = prompt[:n]
