@@ -10,7 +10,7 @@ import json
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from app.api.choices import Choice, usage_of
 from app.api.errors import APIError, anthropic_error, engine_status
@@ -19,13 +19,12 @@ from app.api.protocol import (
     Bool,
     ChatCompletionRequest,
     Float,
-    FunctionDef,
     Int,
     RequestPart,
     StrictRequest,
     UsageInfo,
 )
-from app.api.serving import Shape, TextSplitter
+from app.api.serving import Shape, TextSplitter, chat_request, function_tool
 from app.api.tools import OutputParsing
 from app.engine.toolcalls import StreamEvent
 from app.engine.types import Delta, EngineError, Finish
@@ -174,11 +173,7 @@ def _chat_fields(body: CountTokensRequest) -> dict[str, Any]:
             if tool.type not in (None, "custom"):
                 raise APIError(400, f"tools.{i}: server tools ({tool.type!r}) are not available on this server; "
                                     "only client tools with an input_schema")
-            try:
-                fn = FunctionDef(name=tool.name, description=tool.description, parameters=tool.input_schema)
-            except ValidationError as exc:
-                raise APIError(400, f"tools.{i}.name: {exc.errors()[0]['msg']}") from None
-            tools.append({"type": "function", "function": fn.model_dump(exclude_none=True)})
+            tools.append(function_tool(i, tool.name, tool.description, tool.input_schema))
         fields["tools"] = tools
     choice = body.tool_choice
     if choice is not None:
@@ -195,15 +190,6 @@ def _chat_fields(body: CountTokensRequest) -> dict[str, Any]:
     return fields
 
 
-def _validated(fields: dict[str, Any]) -> ChatCompletionRequest:
-    try:
-        return ChatCompletionRequest.model_validate(fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ()))
-        raise APIError(400, f"{where}: {first.get('msg')}") from None
-
-
 def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
     """The same request as Chat Completions (validated like one)."""
     fields = _chat_fields(body)
@@ -216,11 +202,11 @@ def to_chat(body: MessagesRequest) -> ChatCompletionRequest:
     if config is not None and config.effort is not None:
         # For templates that take an effort (gpt-oss); Anthropic's two extra levels are the template's highest.
         fields["reasoning_effort"] = {"xhigh": "high", "max": "high"}.get(config.effort, config.effort)
-    return _validated(fields)
+    return chat_request(fields)
 
 
 def count_request(body: CountTokensRequest) -> ChatCompletionRequest:
-    return _validated(_chat_fields(body))
+    return chat_request(_chat_fields(body))
 
 
 # --- the output -----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import json
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from app.api.choices import Choice, usage_of
 from app.api.errors import APIError
@@ -21,13 +21,12 @@ from app.api.protocol import (
     Bool,
     ChatCompletionRequest,
     Float,
-    FunctionDef,
     Int,
     RequestPart,
     StrictRequest,
     UsageInfo,
 )
-from app.api.serving import Shape, TextSplitter, finish_reason
+from app.api.serving import Shape, TextSplitter, chat_request, finish_reason, function_tool
 from app.api.tools import OutputParsing
 from app.engine.toolcalls import StreamEvent
 from app.engine.types import Delta, EngineError, Finish
@@ -203,15 +202,8 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
 def _chat_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
     if not body.tools:
         return None
-    tools = []
-    for i, tool in enumerate(body.tools):
-        try:
-            fn = FunctionDef(name=tool.name or "", description=tool.description, parameters=tool.parameters,
-                             strict=tool.strict)
-        except ValidationError as exc:
-            raise APIError(400, f"tools.{i}.name: {exc.errors()[0]['msg']}", param=f"tools.{i}.name") from None
-        tools.append({"type": "function", "function": fn.model_dump(exclude_none=True)})
-    return tools
+    return [function_tool(i, tool.name or "", tool.description, tool.parameters, tool.strict)
+            for i, tool in enumerate(body.tools)]
 
 
 def _chat_tool_choice(body: ResponsesRequest) -> Any:
@@ -247,12 +239,7 @@ def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
     }
     if body.reasoning is not None and body.reasoning.effort is not None:
         fields["reasoning_effort"] = body.reasoning.effort
-    try:
-        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ()))
-        raise APIError(400, f"input: {where}: {first.get('msg')}", param="input") from None
+    return chat_request({k: v for k, v in fields.items() if v is not None}, within="input")
 
 
 # --- the output -----------------------------------------------------------------------------------------------

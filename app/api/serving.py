@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from app.api.choices import Choice, ChoiceSet, ChoiceSpec, usage_of
 from app.api.errors import APIError, error_response_body
 from app.api.protocol import (
@@ -35,6 +37,7 @@ from app.api.protocol import (
     CompletionResponse,
     FunctionCallDelta,
     FunctionCallOut,
+    FunctionDef,
     LogprobEntry,
     SamplingFields,
     ToolCallDelta,
@@ -101,6 +104,28 @@ async def response_format_grammar(response_format: dict[str, Any] | None) -> str
     if not response_format or response_format.get("type") in (None, "text"):
         return None
     return await asyncio.to_thread(grammar_for_response_format, response_format)
+
+
+def chat_request(fields: dict[str, Any], within: str | None = None) -> ChatCompletionRequest:
+    """Another surface's request translated into Chat Completions fields, validated as a chat request; a field
+    that fails is a 400 naming where in the chat request (under `within`, the surface's own field, if given)."""
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        message = f"{where}: {first.get('msg')}"
+        raise APIError(400, f"{within}: {message}" if within else message, param=within) from None
+
+
+def function_tool(index: int, name: str, description: str | None, parameters: dict[str, Any] | None,
+                  strict: bool | None = None) -> dict[str, Any]:
+    """Another surface's function tool as a Chat Completions tool; a bad name is a 400 naming `tools.N.name`."""
+    try:
+        fn = FunctionDef(name=name, description=description, parameters=parameters, strict=strict)
+    except ValidationError as exc:
+        raise APIError(400, f"tools.{index}.name: {exc.errors()[0]['msg']}", param=f"tools.{index}.name") from None
+    return {"type": "function", "function": fn.model_dump(exclude_none=True)}
 
 
 def check_token_ids(engine: EngineProtocol, tokens: list[int], param: str) -> list[int]:
