@@ -81,7 +81,7 @@ class ModelLoader:
     def __init__(self, config: AppConfig, spec: ModelSpec, model_id: str, lifecycle: Lifecycle,
                  store: RemoteStore | None, on_loaded: Callable[[], None], gpus: Callable[[], int],
                  on_gpu_offload: Callable[[str], object], early: EarlyLoad | None = None) -> None:
-        self.early = early if early is not None and early.matches(config) else None
+        self.early = early
         self.config = config
         self.spec = spec
         self.model_id = model_id
@@ -112,9 +112,11 @@ class ModelLoader:
             elif self.config.n_gpu_layers == 0:
                 problem = "off: Number of GPU Layers is 0"
             self.on_gpu_offload(problem or f"up to {self.config.n_gpu_layers} layers on {gpus} GPU(s)")
-            if self.early is not None:
+            if self.early is not None and self.early.matches(self.config):
                 engine = self.early.result()
             else:
+                if self.early is not None:
+                    self.early.discard()  # loaded for another configuration: not kept beside this one
                 engine = fetch_and_load(self.config, self.spec, self.model_id, self.store)
         except ModelSourceError as exc:
             self.lifecycle.fail(str(exc))

@@ -107,15 +107,16 @@ def announce(info: EndpointInfo) -> None:
     log.info("test: %s", info.test_command)
 
 
-def configure(args: argparse.Namespace, task: AppTask | None) -> cfg.AppConfig:
-    """Local layers, or the task's values when an agent runs it (UI edits win)."""
+def configure(args: argparse.Namespace, task: AppTask | None, local: cfg.AppConfig | None) -> cfg.AppConfig:
+    """Local layers (`local`, when they were already resolved), or the task's values when an agent runs it (UI
+    edits win)."""
     if task is not None and task.running_remotely:
         config = cfg.build(task.remote_values())
         if config.host == "127.0.0.1":
             # Under an agent the endpoint must be reachable from other machines.
             config.host = "0.0.0.0"
         return config
-    return resolve_config(args)
+    return local if local is not None else resolve_config(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warn_visible_secrets(args)
     # ClearML records the command line on the task: secrets given as flags must not ride along.
     sys.argv[:] = scrub_secrets(sys.argv)
-    early = start_early_load(args)
+    local = local_config(args)
+    # Locally the command line is the configuration: the model starts loading now, while ClearML starts.
+    early = EarlyLoad.start(local) if local is not None else None
     task: AppTask | None = None
     try:
         task = AppTask.start(offline_requested(args.offline), args.project_name, args.task_name,
@@ -132,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # no ClearML must not mean no endpoint
         log.warning("ClearML task could not start (%s); serving without a task", exc)
     try:
-        config = configure(args, task)
+        config = configure(args, task, local)
         # Before a port is bound or a byte downloaded: a model to serve, threads this machine can run.
         cfg.check_runnable(config)
     except cfg.ConfigError as exc:
@@ -145,17 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return leave(task, code)
 
 
-def start_early_load(args: argparse.Namespace) -> EarlyLoad | None:
-    """Locally the command line is the configuration: start fetching and loading the model now, while ClearML
-    starts. Under an agent (or with a configuration that will be refused) the usual path decides."""
+def local_config(args: argparse.Namespace) -> cfg.AppConfig | None:
+    """The command line's configuration, resolved before ClearML starts; None under an agent (the task's values
+    decide) or when it will be refused (configure resolves it again and the cause is reported on the task)."""
     if os.environ.get("CLEARML_TASK_ID"):
         return None
     try:
         config = resolve_config(args)
         cfg.check_runnable(config)
-        return EarlyLoad.start(config)
-    except Exception:  # reported, with its cause, once the task exists
+    except cfg.ConfigError:
         return None
+    return config
 
 
 def leave(task: AppTask | None, code: int) -> int:
