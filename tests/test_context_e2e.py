@@ -77,3 +77,19 @@ def test_a_request_larger_than_the_context_is_refused_at_once(client: openai.Ope
     assert err.value.code == "context_length_exceeded"
     assert "32768" in str(err.value)
     assert time.monotonic() - started < 10  # refused before any decoding
+
+
+def test_a_quantized_kv_cache_serves(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    app = AppProcess(["--offline", "--model", demo_model, "--port", "0", "--api-key", API_KEY, "--n-ctx", "8192",
+                      "--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "--flash-attn", "on",
+                      "--idle-time-limit-hours", "0"],
+                     env={"CLEARML_CACHE_DIR": str(tmp_path_factory.mktemp("q8-cache"))})
+    app.start().wait_ready()
+    try:
+        health = httpx.get(app.url + "/health").json()
+        assert health["kv_cache_type_k"] == health["kv_cache_type_v"] == "q8_0" and health["n_ctx"] == 8192
+        out = openai.OpenAI(base_url=app.url + "/v1", api_key=API_KEY, max_retries=0).completions.create(
+            model="m", prompt="Once upon a time", max_tokens=8, temperature=0)
+        assert out.usage is not None and out.usage.completion_tokens > 0
+    finally:
+        app.stop()

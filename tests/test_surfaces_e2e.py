@@ -203,3 +203,14 @@ def test_the_readme_examples_run(tool_app: AppProcess, capsys: pytest.CaptureFix
     assert len(lines) == len(expected), lines
     for line, starts in zip(lines, expected, strict=True):
         assert line.startswith(starts), (line, starts)
+
+
+def test_cors_on_the_real_app(tool_app: AppProcess) -> None:
+    origin = {"Origin": "https://chat.example.org"}
+    preflight = httpx.options(tool_app.url + "/v1/responses", headers={
+        **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "*"
+    keyless = httpx.post(tool_app.url + "/v1/messages", headers=origin,
+                         json={"max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+    assert keyless.status_code == 401 and keyless.headers["access-control-allow-origin"] == "*"
+    assert keyless.json()["error"]["type"] == "authentication_error"
