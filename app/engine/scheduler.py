@@ -39,6 +39,7 @@ from app.engine.types import (
     EngineError,
     Finish,
     GenerationRequest,
+    Outbox,
     QueueFullError,
     RequestHandle,
     ShuttingDownError,
@@ -125,6 +126,7 @@ class Scheduler:
         self._jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._outbox = Outbox()  # one wake-up of the event loop per step, whatever the number of streams
         self._stop = threading.Event()
         self._in_system = 0
         self._abort: EngineError | None = None
@@ -182,7 +184,7 @@ class Scheduler:
                 f"This server's context is {self.n_ctx_seq} tokens; the request needs {n_prompt} prompt + "
                 f"{request.max_tokens} completion tokens. Shorten the prompt or lower max_tokens."
             )
-        handle = RequestHandle(request, loop)
+        handle = RequestHandle(request, loop, self._outbox)
         handle.sampler = sampler
         with self._lock:
             if self._in_system >= self.capacity:
@@ -215,6 +217,7 @@ class Scheduler:
 
     def _run(self) -> None:
         log.debug("scheduler started: %d sequences of %d tokens", self.parallel, self.n_ctx_seq)
+        self._outbox.bind()
         while not self._stop.is_set():
             try:
                 if self._abort is not None:
@@ -223,6 +226,7 @@ class Scheduler:
                 self._drop_cancelled()
                 self._admit()
                 if not any(s.busy for s in self._slots):
+                    self._outbox.flush()
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
@@ -231,7 +235,10 @@ class Scheduler:
                 log.error("engine step failed: %s: %s", type(exc).__name__, exc,
                           exc_info=log.isEnabledFor(logging.DEBUG))
                 self._fail_all(EngineError(f"internal engine error: {type(exc).__name__}"))
+            finally:
+                self._outbox.flush()
         self._fail_everything(ShuttingDownError("the server is shutting down"))
+        self._outbox.flush()
 
     def _fail_everything(self, error: EngineError) -> None:
         self._fail_all(error)

@@ -127,19 +127,64 @@ class Finish:
 Event = Delta | Finish
 
 
+class Outbox:
+    """The events one engine step produced, delivered with one wake-up per event loop instead of one per event.
+
+    Only the thread that bound it collects into it (the engine thread, which flushes after every step and before
+    it sleeps); an emit from any other thread goes straight to the loop.
+    """
+
+    def __init__(self) -> None:
+        self._owner: int | None = None
+        self._items: list[tuple[RequestHandle, Event]] = []
+
+    def bind(self) -> None:
+        self._owner = threading.get_ident()
+
+    def collects(self) -> bool:
+        return threading.get_ident() == self._owner
+
+    def add(self, handle: RequestHandle, event: Event) -> None:
+        self._items.append((handle, event))
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}
+        for handle, event in items:
+            by_loop.setdefault(handle._loop, []).append((handle, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for handle, _ in batch:
+                    handle._cancelled.set()
+
+
+def _deliver(batch: list[tuple[RequestHandle, Event]]) -> None:
+    for handle, event in batch:
+        handle._queue.put_nowait(event)
+
+
 class RequestHandle:
     """The submitter's end: an async stream of events and a cancel switch."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+                 outbox: Outbox | None = None) -> None:
         self.request = request
         self._loop = loop
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._outbox = outbox
         self.sampler: Any | None = None  # the engine's per-request sampler, freed when the request ends
 
     # engine side -------------------------------------------------------------
     def emit(self, event: Event) -> None:
-        """Called from the engine thread."""
+        """Called from the engine thread (collected into its outbox) or, for a refusal, any thread."""
+        if self._outbox is not None and self._outbox.collects():
+            self._outbox.add(self, event)
+            return
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         except RuntimeError:
