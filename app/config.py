@@ -188,6 +188,23 @@ class AppConfig(BaseModel):
         ge=0, le=ALL_MOE_LAYERS,
     )
     embeddings: bool = _field(False, ADVANCED, "Embeddings", "Serve /v1/embeddings.")
+    repack_weights: bool = _field(
+        True, ADVANCED, "Weight Repacking",
+        "Repack quantized weights in CPU memory for this CPU's fastest kernels (llama.cpp's default; its --no-repack "
+        "turns it off). Layers on RPC workers are not repacked, so a single process with this off computes exactly "
+        "what an RPC deployment computes.",
+    )
+    rpc_servers: str = _field(
+        "", ADVANCED, "RPC Servers",
+        "llama.cpp RPC workers (python -m app.rpc_worker) as comma-separated host:port on a private network: the "
+        "model's offloaded layers (Number of GPU Layers) are split across them by free memory; empty = none. Needs "
+        "a build with RPC (make install builds one).",
+    )
+    rpc_worker_tasks: str = _field(
+        "", ADVANCED, "RPC Worker Tasks",
+        "ClearML task IDs of RPC workers (set by app.instances launch --rpc-workers): at start the app waits for "
+        "each to publish its endpoint and adds it to RPC Servers.",
+    )
     chat_format: str = _field(
         "auto", ADVANCED, "Chat Format",
         "Chat template: 'auto' uses the model's own and falls back to ChatML; or chatml, gemma, llama3.",
@@ -252,6 +269,22 @@ class AppConfig(BaseModel):
             raise ValueError("at least one share must be positive; leave it empty to split by free memory")
         return ",".join(items)
 
+    @field_validator("rpc_servers")
+    @classmethod
+    def _endpoints(cls, value: str) -> str:
+        from app.engine.rpc_endpoints import parse_endpoints
+
+        return ",".join(parse_endpoints(value))
+
+    @field_validator("rpc_worker_tasks")
+    @classmethod
+    def _task_ids(cls, value: str) -> str:
+        ids = [v.strip() for v in value.split(",") if v.strip()]
+        for task_id in ids:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", task_id):
+                raise ValueError(f"{task_id!r} is not a ClearML task ID")
+        return ",".join(ids)
+
     @field_validator("reasoning_format")
     @classmethod
     def _known_reasoning_format(cls, value: str) -> str:
@@ -305,7 +338,9 @@ class AppConfig(BaseModel):
             max_queue=self.max_queue, embeddings=self.embeddings, chat_format=self.chat_format,
             tool_format=self.tool_format, reasoning_format=self.reasoning_format, cache_type_k=self.cache_type_k,
             cache_type_v=self.cache_type_v, flash_attn=self.flash_attn, split_mode=self.split_mode,
-            tensor_split=self.tensor_shares(), main_gpu=self.main_gpu, n_cpu_moe=self.n_cpu_moe, verbose=verbose)
+            tensor_split=self.tensor_shares(), main_gpu=self.main_gpu, n_cpu_moe=self.n_cpu_moe,
+            repack_weights=self.repack_weights, rpc_servers=tuple(s for s in self.rpc_servers.split(",") if s),
+            verbose=verbose)
 
     def tensor_shares(self) -> tuple[float, ...]:
         """tensor_split as numbers; empty when not given."""
@@ -403,6 +438,11 @@ def check_runnable(config: AppConfig, cores: int | None = None) -> None:
         parse_spec(config.model)
     except ModelSourceError as exc:
         raise ConfigError(f"invalid configuration: model: {exc}") from None
+    if config.rpc_servers or config.rpc_worker_tasks:
+        from app.engine.rpc_endpoints import BUILD_HINT, build_supports_rpc
+
+        if not build_supports_rpc():
+            raise ConfigError(f"invalid configuration: rpc_servers: {BUILD_HINT}")
     cores = cores or usable_cores()
     limit = THREADS_PER_CORE * cores
     if config.n_threads > limit:

@@ -44,7 +44,7 @@ class EarlyLoad:
     @classmethod
     def start(cls, config: AppConfig) -> EarlyLoad | None:
         spec = config.model_spec()
-        if spec.kind == "clearml":
+        if spec.kind == "clearml" or config.rpc_worker_tasks:
             return None
         early = cls(config, spec, config.served_name)
         early._thread.start()
@@ -80,8 +80,10 @@ class ModelLoader:
 
     def __init__(self, config: AppConfig, spec: ModelSpec, model_id: str, lifecycle: Lifecycle,
                  store: RemoteStore | None, on_loaded: Callable[[], None], gpus: Callable[[], int],
-                 on_gpu_offload: Callable[[str], object], early: EarlyLoad | None = None) -> None:
+                 on_gpu_offload: Callable[[str], object], early: EarlyLoad | None = None,
+                 rpc_workers: Callable[[list[str]], list[str]] | None = None) -> None:
         self.early = early
+        self.rpc_workers = rpc_workers  # RPC worker task IDs -> the endpoints they publish (ClearML; waits)
         self.config = config
         self.spec = spec
         self.model_id = model_id
@@ -112,6 +114,7 @@ class ModelLoader:
             elif self.config.n_gpu_layers == 0:
                 problem = "off: Number of GPU Layers is 0"
             self.on_gpu_offload(problem or f"up to {self.config.n_gpu_layers} layers on {gpus} GPU(s)")
+            self.config = self._with_worker_endpoints(self.config)
             if self.early is not None and self.early.matches(self.config):
                 engine = self.early.result()
             else:
@@ -126,6 +129,24 @@ class ModelLoader:
             self.lifecycle.fail(f"model load failed: {exc}")
             return
         self.on_loaded()
+        for device in getattr(getattr(engine, "model", None), "devices", None) or []:
+            log.info("device %s %s: %d layers", device["device"], device["description"], device["layers"])
         if not self.lifecycle.ready(engine):
             return  # a stop came first: main closes the engine
         log.info("ready: serving %s", self.model_id)
+
+    def _with_worker_endpoints(self, config: AppConfig) -> AppConfig:
+        """The configuration with the endpoints its RPC worker tasks published added to rpc_servers."""
+        ids = [t for t in config.rpc_worker_tasks.split(",") if t]
+        if not ids:
+            return config
+        if self.rpc_workers is None:
+            raise ModelSourceError("rpc_worker_tasks: RPC worker tasks are found through ClearML, and this run has "
+                                   "no ClearML task (give rpc_servers as host:port instead)")
+        log.info("waiting for %d RPC worker task(s) to publish their endpoints", len(ids))
+        try:
+            found = self.rpc_workers(ids)
+        except (RuntimeError, TimeoutError) as exc:
+            raise ModelSourceError(f"RPC workers: {exc}") from None
+        servers = [s for s in config.rpc_servers.split(",") if s] + [e for e in found if e not in config.rpc_servers]
+        return config.model_copy(update={"rpc_servers": ",".join(servers)})

@@ -179,6 +179,7 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
     from app.api.context import ServingContext
     from app.clearml.endpoint import EndpointRegistration, model_references, published_endpoint
     from app.clearml.storage import ClearMLStorage
+    from app.clearml.workers import rpc_worker_endpoints
     from app.server import bind_socket, serve
     from app.telemetry.reporter import IdleWatchdog, Reporter
 
@@ -212,7 +213,8 @@ def run(config: cfg.AppConfig, task: AppTask | None, drain_timeout_s: float, con
                          on_loaded=context.stats.restart_idle_clock,
                          gpus=lambda: len(context.hardware.latest().gpus),
                          on_gpu_offload=lambda text: task.set_properties(**{GPU_OFFLOAD: text}) if task else None,
-                         early=early)
+                         early=early, rpc_workers=rpc_worker_endpoints if task is not None and not task.offline
+                         else None)
     loader.start()
     context.endpoint = published_endpoint(task, config.host, port, context.api_key, model_id, config.static_route)
     announce(context.endpoint)

@@ -220,7 +220,7 @@ def test_context_params_carry_the_cache_types_and_flash_attention() -> None:
 
 
 def test_every_cache_type_maps_to_the_ggml_type_of_that_name() -> None:
-    base = next(p for p in params._ggml_libraries() if "ggml-base" in p.name)
+    base = next(p for p in params.ggml_libraries() if "ggml-base" in p.name)
     type_name = ctypes.CDLL(str(base)).ggml_type_name
     type_name.restype = ctypes.c_char_p
     type_name.argtypes = [ctypes.c_int]

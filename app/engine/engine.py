@@ -126,7 +126,8 @@ class LlamaEngine:
         return {"n_ctx": self.n_ctx, "max_request_tokens": self.n_ctx_seq,
                 "n_ctx_train": int(self.model.n_ctx_train), "kv_cache_type_k": chosen["type_k"],
                 "kv_cache_type_v": chosen["type_v"], "flash_attn": chosen["flash_attn"],
-                "kv_cells_used": self.kv_cells_used}
+                "kv_cells_used": self.kv_cells_used,
+                **({"devices": self.model.devices} if self.model.devices else {})}
 
     # --- embeddings ------------------------------------------------------------------------
 

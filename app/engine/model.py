@@ -117,8 +117,12 @@ class LlamaModel:
         llama_cpp.llama_backend_init()  # idempotent: sets up ggml's timers and CPU backend
         self.options = options
         threads = options.n_threads
+        self.devices: list[dict[str, Any]] = []  # with RPC workers: each device and the layers it holds
         placement = model_params(options)  # holds the C arrays the parameters point into until the load returns
-        model = llama_cpp.llama_model_load_from_file(options.path.encode("utf-8"), placement.params)
+        if options.rpc_servers:
+            model = self._load_across_rpc(options, placement.params)
+        else:
+            model = llama_cpp.llama_model_load_from_file(options.path.encode("utf-8"), placement.params)
         del placement
         if not model:
             raise RuntimeError(f"llama.cpp could not load the model from {options.path}")
@@ -167,6 +171,25 @@ class LlamaModel:
 
         self._piece_buf = ctypes.create_string_buffer(256)
         self._lock = threading.Lock()  # guards the shared piece buffer for cross-thread tokenizer use
+
+    def _load_across_rpc(self, options: EngineSettings, params: Any) -> Any:
+        """Register the RPC workers as llama.cpp devices, load, and note how many layers each device got."""
+        from app.engine import rpc
+
+        workers = rpc.add_servers(list(options.rpc_servers))
+        for device in workers:
+            log.info("RPC device %s (%s): %d of %d MiB free", device.name, device.description,
+                     device.free // 2**20, device.total // 2**20)
+        with rpc.layer_placement() as counts:
+            model = llama_cpp.llama_model_load_from_file(options.path.encode("utf-8"), params)
+        by_name = {d.name: d for d in rpc.devices()}
+        for name, layers in sorted(counts.items(), key=lambda item: (not item[0].startswith("RPC"), item[0])):
+            known = by_name.get(name)
+            self.devices.append({"device": name, "description": known.description if known else "",
+                                 "layers": layers, "free_mib": known.free // 2**20 if known else None})
+        log.info("layers per device: %s", ", ".join(f"{d['device']} ({d['description']}): {d['layers']}"
+                                                    for d in self.devices) or "none reported")
+        return model
 
     def kv_shape(self) -> KVShape:
         """What the KV cache holds per token, from the model itself."""

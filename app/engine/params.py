@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,18 +65,34 @@ def cpu_moe_pattern(n_layers: int) -> str | None:
     return r"blk\.(" + below(n_layers) + ")" + MOE_EXPERTS
 
 
-def _ggml_libraries() -> list[Path]:
-    """The ggml shared libraries shipped beside libllama, the base library first."""
+def ggml_libraries() -> list[Path]:
+    """The ggml shared libraries libllama runs with, the base library first.
+
+    A wheel cannot hold symbolic links: libggml.so, libggml.so.0 and libggml.so.0.25.3 are three copies, and only
+    the one loaded under its SONAME (libggml.so.0) is the one libllama uses. Another copy has registries of its
+    own (a device registered there is invisible to llama.cpp), so the loaded files are read from /proc/self/maps,
+    and where there is none the SONAME-like names (lib*.so.N) come first.
+    """
     override = os.environ.get("LLAMA_CPP_LIB_PATH")  # llama_cpp loads libllama from here when set
     folder = Path(override) if override else Path(llama_cpp.__file__).resolve().parent / "lib"
-    found = [p for p in folder.glob("*ggml*") if p.suffix in (".so", ".dylib", ".dll")]
+    found: list[Path] = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            mapped = {line.split()[-1] for line in maps if "ggml" in line and "/" in line}
+        found = [Path(p) for p in mapped if Path(p).parent.resolve() == folder.resolve()]
+    except OSError:  # not Linux
+        pass
+    if not found:
+        found = [p for p in folder.glob("*ggml*") if p.suffix in (".so", ".dylib", ".dll") or ".so." in p.name]
+        found.sort(key=lambda p: p.name.count("."), reverse=False)
+        found.sort(key=lambda p: not re.search(r"\.so\.\d+$", p.name))
     return sorted(found, key=lambda p: ("ggml-base" not in p.name, "ggml-cpu" not in p.name, p.name))
 
 
 def cpu_buffer_type() -> int:
     """ggml's CPU buffer type (a pointer), which llama-cpp-python does not bind: from whichever ggml library
     exports it (libggml-base in 0.3.36)."""
-    for path in _ggml_libraries():
+    for path in ggml_libraries():
         lib = ctypes.CDLL(str(path))  # already loaded with libllama: this only looks the symbol up
         if hasattr(lib, CPU_BUFFER_TYPE):
             fn = getattr(lib, CPU_BUFFER_TYPE)
@@ -101,6 +118,7 @@ def model_params(options: EngineSettings) -> ModelParams:
     params.n_gpu_layers = options.n_gpu_layers
     params.split_mode = SPLIT_MODES[options.split_mode]
     params.main_gpu = options.main_gpu
+    params.use_extra_bufts = options.repack_weights
     keep: list[object] = []
     if options.tensor_split:
         # llama.cpp reads one share per device it has, up to llama_max_devices(): the rest must be zeros.

@@ -35,4 +35,6 @@ class EngineSettings:
     tensor_split: tuple[float, ...]  # a share per GPU; empty = llama.cpp's split by free memory
     main_gpu: int
     n_cpu_moe: int  # layers whose MoE expert weights stay in CPU memory; ALL_MOE_LAYERS = all
+    repack_weights: bool = True  # llama.cpp's extra (repacked) CPU buffer types for the weights
+    rpc_servers: tuple[str, ...] = ()  # llama.cpp RPC workers (host:port) registered as devices before the load
     verbose: bool = False
