@@ -165,6 +165,12 @@ class ClearMLDouble:
     def queue_id(self, name: str) -> str | None:
         return next((qid for qid, qname in self.queues.items() if qname == name), None)
 
+    def _now(self) -> str:
+        """A creation time, one millisecond after the last one (ordering stays exact however fast tasks come)."""
+        self._clock = max(getattr(self, "_clock", 0.0) + 0.001, time.time())
+        millis = int(self._clock * 1000) % 1000
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self._clock)) + f".{millis:03d}000+00:00"
+
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}{len(self.tasks) + len(self.projects) + 1:030d}"[-32:]
 
@@ -189,21 +195,48 @@ class ClearMLDouble:
         tid = self._new_id("t")
         task = {k: v for k, v in body.items() if k != "method"}
         task.update(id=tid, status="created", hyperparams=task.get("hyperparams") or {},
-                    configuration=task.get("configuration") or {}, runtime={})
+                    configuration=task.get("configuration") or {}, runtime={}, created=self._now())
         self.tasks[tid] = task
         return {"id": tid}
 
     def _task_view(self, task: dict[str, Any]) -> dict[str, Any]:
         allowed = {"id", "name", "type", "status", "status_message", "status_reason", "project", "comment", "script",
                    "hyperparams", "configuration", "execution", "tags", "system_tags", "parent", "runtime",
-                   "container", "output"}
+                   "container", "output", "created"}
         return {k: v for k, v in task.items() if k in allowed}
 
     def _tasks_get_all(self, body: dict[str, Any]) -> dict[str, Any]:
         ids = body.get("id")
         ids = [ids] if isinstance(ids, str) else ids
-        found = [self._task_view(t) for t in self.tasks.values() if not ids or t["id"] in ids]
+        tags = body.get("tags") or []
+        statuses = body.get("status") or []
+        statuses = [statuses] if isinstance(statuses, str) else statuses
+        found = [self._task_view(t) for t in self.tasks.values()
+                 if (not ids or t["id"] in ids) and all(tag in (t.get("tags") or []) for tag in tags)
+                 and (not statuses or t["status"] in statuses)]
         return {"tasks": found}
+
+    def _tasks_dequeue(self, body: dict[str, Any]) -> Any:
+        task = self.tasks.get(body["task"])
+        if task is None or task["status"] != "queued":
+            return 400, {"__msg": "Invalid task status (task is not queued)", "__subcode": 110}
+        self.enqueued = [(tid, q) for tid, q in self.enqueued if tid != task["id"]]
+        task["status"] = "created"
+        return {"dequeued": 1, "updated": 1, "fields": {"status": "created"}}
+
+    def _tasks_stop(self, body: dict[str, Any]) -> Any:
+        """As the server's stop: a queued task leaves its queue and is stopped; a running one with a worker keeps
+        its status and gets the message "stopping" (the UI's abort: its SDK runs the abort callback); otherwise
+        (or forced) it is stopped."""
+        task = self.tasks.get(body["task"])
+        if task is None:
+            return 400, {"__msg": f"Invalid task id: {body['task']}", "__subcode": 101}
+        if task["status"] == "in_progress" and not body.get("force"):
+            task["status_message"] = "stopping"
+        else:
+            self.enqueued = [(tid, q) for tid, q in self.enqueued if tid != task["id"]]
+            task.update(status="stopped", status_message=body.get("status_message") or "")
+        return {"updated": 1, "fields": {"status": task["status"]}}
 
     def _tasks_get_by_id(self, body: dict[str, Any]) -> Any:
         task = self.tasks.get(body["task"])
@@ -245,7 +278,7 @@ class ClearMLDouble:
         source = self.tasks[body["task"]]
         tid = self._new_id("t")
         clone = json.loads(json.dumps(source))
-        clone.update(id=tid, status="created", parent=source["id"])
+        clone.update(id=tid, status="created", parent=source["id"], created=self._now())
         if body.get("new_task_name"):
             clone["name"] = body["new_task_name"]
         self.tasks[tid] = clone
@@ -427,7 +460,8 @@ def _handler(double: ClearMLDouble) -> type[BaseHTTPRequestHandler]:
                     "result_subcode": data.pop("__subcode", 0) if status != 200 else 0,
                     "result_msg": data.pop("__msg", "OK") if status != 200 else "OK", "error_stack": "",
                     "endpoint": {"name": endpoint, "requested_version": API_VERSION, "actual_version": API_VERSION}}
-            out = json.dumps({"meta": meta, "data": data if status == 200 else {}}).encode()
+            out = json.dumps({"meta": meta, "data": data if status == 200 else {}},
+                         default=lambda o: o.isoformat()).encode()  # datetimes (a task's created)
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(out)))
