@@ -197,3 +197,38 @@ def test_scaling_an_unknown_group_is_one_line(basic: RunningDouble, tmp_path: Pa
     errors = [line for line in out.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "nobody" in errors[0], out.stderr
     assert API_KEY not in out.stderr
+
+
+def test_clone_and_import_make_groups_too(basic: RunningDouble, tmp_path: Path) -> None:
+    double = basic.double
+    out = cli(basic, tmp_path, "launch", "--model", "org/repo/m.gguf", "--task-name", "solo", *REPO_ARGS)
+    assert out.returncode == 0, out.stderr
+    source = next(iter(double.tasks.values()))
+    out = cli(basic, tmp_path, "clone", source["id"], "--replicas", "2", "--group", "twins",
+              "--set", "Advanced Options/parallel=3")
+    assert out.returncode == 0, out.stderr
+    twins = group_tasks(double, "twins")
+    assert len(twins) == 2 and params(twins[0]) == params(twins[1])
+    assert params(twins[0])["Advanced Options/parallel"] == "3"
+    assert params(twins[0])["Advanced Options/api_key"].startswith("sk-")
+    assert "replica-group:twins" not in (source.get("tags") or [])  # the source joins no group
+    doc = tmp_path / "export.json"
+    assert cli(basic, tmp_path, "export", twins[0]["id"], "-o", str(doc)).returncode == 0
+    out = cli(basic, tmp_path, "import", str(doc), "--replicas", "2", "--group", "imported", *REPO_ARGS)
+    assert out.returncode == 0, out.stderr
+    imported = group_tasks(double, "imported")
+    assert len(imported) == 2 and params(imported[0]) == params(imported[1])
+    # The export masked the key: the new group gets a key of its own, shared by its replicas.
+    assert params(imported[0])["Advanced Options/api_key"] not in ("", "***")
+    assert params(imported[0])["Advanced Options/api_key"] != params(twins[0])["Advanced Options/api_key"]
+
+
+def test_rpc_settings_on_a_build_without_rpc_fail_the_check_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.engine import rpc_endpoints
+
+    monkeypatch.setattr(rpc_endpoints, "build_supports_rpc", lambda: False)
+    config = cfg.build({"model": "demo", "rpc_servers": "10.0.0.7:50052"})
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.check_runnable(config)
+    assert "DGGML_RPC=on" in str(err.value) and "\n" not in str(err.value)
+    cfg.check_runnable(cfg.build({"model": "demo"}))  # without RPC settings the build does not matter
