@@ -168,8 +168,9 @@ def nginx_upstream(group: str, api_bases: list[str], listen: int) -> str:
     servers = []
     for base in api_bases:
         parsed = urlsplit(base)
-        if parsed.hostname:
-            servers.append(f"    server {parsed.hostname}:{parsed.port or (443 if parsed.scheme == 'https' else 80)};")
+        line = f"    server {parsed.hostname}:{parsed.port or (443 if parsed.scheme == 'https' else 80)};"
+        if parsed.hostname and line not in servers:  # replicas behind one gateway route publish one URL
+            servers.append(line)
     lines = [f"upstream {name} {{", "    least_conn;", *servers, "}", "",
              "server {", f"    listen {listen};", "    location / {", f"        proxy_pass http://{name};",
              "        proxy_http_version 1.1;", "        proxy_set_header Connection \"\";",

@@ -19,6 +19,7 @@ import uvicorn
 
 from app.api.app import create_app
 from app.api.context import ServingContext
+from tests.clearml_double import ClearMLDouble, RunningDouble
 from tests.fake_engine import FakeEngine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,3 +182,23 @@ def tool_app(tool_model: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     app.start().wait_ready()
     yield app
     app.stop()
+
+
+# --- the ClearML REST double, as an open-source and as an Enterprise server ---------------------------------------
+
+ROUTE = {"name": "llama-replicas", "enabled": True, "status": "active", "type": "path",
+         "load_balancer": {"enabled": True}}
+
+
+@pytest.fixture
+def basic() -> Iterator[RunningDouble]:
+    """An open-source server: no gateway."""
+    with ClearMLDouble().serve() as running:
+        yield running
+
+
+@pytest.fixture
+def enterprise() -> Iterator[RunningDouble]:
+    """A server whose login token says "advanced": the AI Application Gateway and static routes."""
+    with ClearMLDouble(feature_set="advanced", routes=[ROUTE]).serve() as running:
+        yield running

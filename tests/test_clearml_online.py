@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +21,7 @@ from tests.conftest import API_KEY, AppProcess
 
 AGENT_HOST_IP = "10.20.30.40"  # what the agent declares for its machine: published, never connected to
 GATEWAY_WARNING = "the endpoint might not be accessible"
-ROUTE = {"name": "llama-replicas", "enabled": True, "status": "active", "type": "path",
-         "load_balancer": {"enabled": True}}
 
-
-@pytest.fixture
-def basic() -> Iterator[RunningDouble]:
-    """An open-source server: no gateway."""
-    with ClearMLDouble().serve() as running:
-        yield running
-
-
-@pytest.fixture
-def enterprise() -> Iterator[RunningDouble]:
-    """A server whose login token says "advanced": the AI Application Gateway and static routes."""
-    with ClearMLDouble(feature_set="advanced", routes=[ROUTE]).serve() as running:
-        yield running
 
 
 def sdk_config(tmp_path: Path) -> Path:

@@ -5,7 +5,6 @@ a server without the gateway, and a leader launched with RPC worker tasks."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,10 @@ from app import config as cfg
 from app.clearml.workers import WORKER_SECTION
 from tests.clearml_double import ClearMLDouble, RunningDouble
 from tests.conftest import API_KEY, AppProcess
-from tests.test_clearml_online import AGENT_HOST_IP, ROUTE, sdk_config
+from tests.test_clearml_online import AGENT_HOST_IP, sdk_config
 from tests.test_instances import cli, params
 
 REPO_ARGS = ["--repo", "https://git.example/llama-clearml.git", "--branch", "main"]
-
-
-@pytest.fixture
-def basic() -> Iterator[RunningDouble]:
-    with ClearMLDouble().serve() as running:
-        yield running
-
-
-@pytest.fixture
-def enterprise() -> Iterator[RunningDouble]:
-    with ClearMLDouble(feature_set="advanced", routes=[ROUTE]).serve() as running:
-        yield running
 
 
 def group_tasks(double: ClearMLDouble, group: str) -> list[dict[str, Any]]:
