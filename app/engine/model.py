@@ -177,6 +177,9 @@ class LlamaModel:
         from app.engine import rpc
 
         workers = rpc.add_servers(list(options.rpc_servers))
+        if options.n_gpu_layers == 0:
+            log.warning("RPC servers are set but Number of GPU Layers is 0: no layer goes to the workers (9999 = "
+                        "all layers, split across them)")
         for device in workers:
             log.info("RPC device %s (%s): %d of %d MiB free", device.name, device.description,
                      device.free // 2**20, device.total // 2**20)
