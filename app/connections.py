@@ -12,7 +12,10 @@ once a request's headers are complete, so idle sockets beyond it still hold thei
   request's first byte on a kept-alive connection; trickling does not extend it (Go's ReadHeaderTimeout);
 * a request head is at most `MAX_HEAD_BYTES` (64 KiB) and `MAX_HEADERS` (100 fields), else 431;
 * at most `ConnectionLimits.max_connections` connections are open; the next one is answered a prebuilt 503
-  at once, before anything is parsed, and closed.
+  at once, before anything is parsed, and closed;
+* a request body must arrive within `BODY_BASE_S` plus its declared length (or the largest body the API takes)
+  at `BODY_MIN_RATE` bytes/s, else 408 and close; a body still arriving after the response was sent (a 401
+  before any body byte is read, a 413) is not read to its end: the connection closes.
 
 Refusals half-close and discard what the client still sends for `REFUSE_LINGER_S`, so the client reads the
 status instead of a reset; beyond `REFUSING_MAX` such sockets a new excess connection is dropped outright.
@@ -43,6 +46,12 @@ log = logging.getLogger(__name__)
 HEAD_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
+# A request body trickled forever would hold its socket: 10 s, plus the body at 64 KiB/s (8 MiB, the API's
+# largest body, in 138 s). Uvicorn reads a body the app left unread (a 401 sent first) to its end, so a keyless
+# client could trickle one forever too; that connection is closed once its response is out.
+BODY_BASE_S = 10.0
+BODY_MIN_RATE = 64 * 1024
+MAX_BODY_BYTES = 8 * 1024 * 1024
 # Descriptors kept back from connections for everything else: stdio, the listener, the event loop, the model
 # file, logs, ClearML's and Hugging Face's HTTP sessions, psutil and NVML probes.
 FD_RESERVE = 128
@@ -92,6 +101,14 @@ class ConnectionLimits:
     head_timeout_s: float = HEAD_TIMEOUT_S
     max_head_bytes: int = MAX_HEAD_BYTES
     max_headers: int = MAX_HEADERS
+    body_base_s: float = BODY_BASE_S
+    body_min_rate: float = BODY_MIN_RATE
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def body_timeout_s(self, declared: int | None) -> float:
+        """How long a body of `declared` bytes (None: chunked, up to the largest) may take to arrive."""
+        size = self.max_body_bytes if declared is None else min(declared, self.max_body_bytes)
+        return self.body_base_s + size / self.body_min_rate
 
     @classmethod
     def for_this_process(cls) -> ConnectionLimits:
@@ -152,6 +169,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._timer: asyncio.TimerHandle | None = None  # the head check, or the end of a refusal's linger
         self._refused = False
+        self._body_deadline: float | None = None  # set while a request's body is still arriving
+        self._body_timer: asyncio.TimerHandle | None = None  # armed lazily: a request without a body costs none
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -172,6 +191,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -204,6 +226,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # httptools then holds at most the bound plus one read (256 KiB).
         if self._head_deadline is not None and self._head_bytes > self.limits.max_head_bytes:
             self._refuse_head(f"more than {self.limits.max_head_bytes} bytes")
+        elif self._body_deadline is not None and self._body_timer is None:
+            self._body_timer = self.loop.call_later(max(0.0, self._body_deadline - self.loop.time()),
+                                                    self._check_body)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -220,6 +245,48 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_begun = False
         self._head_bytes = 0
         super().on_headers_complete()
+        declared = next((value for name, value in self.headers if name == b"content-length"), None)
+        if declared != b"0" and (declared is not None or any(
+                name == b"transfer-encoding" for name, _ in self.headers)):
+            size = int(declared) if declared is not None and declared.isdigit() else None
+            self._body_deadline = self.loop.time() + self.limits.body_timeout_s(size)
+
+    def on_message_complete(self) -> None:
+        self._body_deadline = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._body_deadline is not None and not self.transport.is_closing():
+            # Answered before its body arrived (a 401, a 413): nothing left to read it for.
+            self._body_deadline = None
+            self._linger_close()
+
+    def _check_body(self) -> None:
+        self._body_timer = None
+        deadline = self._body_deadline
+        if deadline is None or self.transport.is_closing():
+            return
+        remaining = deadline - self.loop.time()
+        if remaining > 0:
+            self._body_timer = self.loop.call_later(remaining, self._check_body)
+            return
+        self._body_deadline = None
+        self.refusals.note("request body timeout", "the request body arrived too slowly")
+        cycle = self.cycle
+        if cycle is not None:
+            started = cycle.response_started
+            cycle.disconnected = True  # the app's receive() says http.disconnect and its sends are dropped
+            cycle.message_event.set()
+            if started:
+                self.transport.close()
+                return
+        self._refuse(refusal(408, "The request body did not arrive in time: at least "
+                                  f"{self.limits.body_min_rate / 1024:g} KiB/s after {self.limits.body_base_s:g} s.",
+                             "request_timeout"))
 
     def _start_head_clock(self) -> None:
         self._head_deadline = self.loop.time() + self.limits.head_timeout_s
@@ -255,11 +322,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, response: bytes) -> None:
         """Answer, half-close, and drop what still comes for REFUSE_LINGER_S: closing on unread data resets."""
+        self.transport.write(response)
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Half-close, drop what the client still sends for REFUSE_LINGER_S, then close."""
         self._refused = True
         self._head_deadline = None
         if self._timer is not None:
             self._timer.cancel()
-        self.transport.write(response)
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._timer = self.loop.call_later(REFUSE_LINGER_S, self.transport.close)

@@ -6,6 +6,7 @@ engine; uvicorn installs no signal handlers off the main thread, so the lifecycl
 
 from __future__ import annotations
 
+import json
 import resource
 import socket
 import threading
@@ -271,3 +272,55 @@ def test_a_taken_port_falls_back_to_a_free_one_only_when_asked() -> None:
         fallback.close()
     finally:
         taken.close()
+
+
+def trickle_body(served: ServedApp, sock: socket.socket, headers: str, length: int, give_up_s: float
+                 ) -> tuple[bytes, float]:
+    """Send a POST head declaring `length` body bytes, then one body byte every 0.2 s: (what came back, the
+    seconds until the server closed its side)."""
+    sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {length}\r\n{headers}\r\n").encode())
+    began = time.monotonic()
+    sock.setblocking(False)
+    received = bytearray()
+    while time.monotonic() - began < give_up_s:
+        try:
+            sock.send(b" ")
+        except OSError:
+            pass
+        if read_until_closed(sock, received):
+            return bytes(received), time.monotonic() - began
+        time.sleep(0.2)
+    return bytes(received), float("inf")
+
+
+def test_a_trickled_body_is_cut_at_its_deadline_and_a_keyless_one_after_its_401() -> None:
+    from app.connections import REFUSE_LINGER_S
+
+    # 1 s plus 2,000 bytes at 1,000 bytes/s: a body declared bigger than that has 3 s.
+    limits = ConnectionLimits(body_base_s=1.0, body_min_rate=1000, max_body_bytes=2000)
+    assert limits.body_timeout_s(100_000) == limits.body_timeout_s(None) == 3.0
+    with ServedApp(limits) as served:
+        keyless, keyed = served.connect(), served.connect()
+        try:
+            # No key: the 401 goes out before any body byte is read, and the connection does not wait for the rest.
+            received, took = trickle_body(served, keyless, "", 100_000, 30)
+            assert received.startswith(b"HTTP/1.1 401"), received[:80]
+            assert took <= REFUSE_LINGER_S + MARGIN_S, took
+            # With the key, the app waits for the body: 408 at the deadline, never forever.
+            received, took = trickle_body(served, keyed, f"Authorization: Bearer {API_KEY}\r\n", 100_000, 30)
+            assert received.startswith(b"HTTP/1.1 408") and b"request_timeout" in received, received[:200]
+            assert 3.0 - 0.5 <= took <= 3.0 + REFUSE_LINGER_S + MARGIN_S, took
+        finally:
+            keyless.close()
+            keyed.close()
+        # A body slower than a single write but within its deadline is served; so is everything after.
+        with served.connect() as slow:
+            body = json.dumps(CHAT).encode()
+            slow.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\nAuthorization: Bearer {API_KEY}\r\n\r\n").encode())
+            slow.sendall(body[:10])
+            time.sleep(0.5)
+            slow.sendall(body[10:])
+            assert slow.recv(65536).startswith(b"HTTP/1.1 200")
+        assert httpx.post(served.url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=10).status_code == 200
