@@ -232,6 +232,16 @@ def report_replicas(launched: list[Any], group: str, config: cfg.AppConfig, gate
             out.write(f"  {len(launched) - len(bases)} replica(s) published no URL within {wait_s:.0f} s\n")
 
 
+def replica_gateway(config: cfg.AppConfig) -> bool:
+    """Does the server have the gateway? If so its static route must exist before any replica is created."""
+    from app.clearml import instances as clearml_io
+
+    if not clearml_io.gateway_supported():
+        return False
+    clearml_io.check_static_route(config.static_route)
+    return True
+
+
 def check_counts(args: argparse.Namespace) -> None:
     if getattr(args, "replicas", 1) < 1:
         raise cfg.ConfigError("--replicas: at least 1")
@@ -275,9 +285,10 @@ def run(args: argparse.Namespace) -> int:
         if args.replicas > 1 or args.group:
             group = args.group or args.task_name
             config = for_replicas(config, group)
+            gateway = replica_gateway(config)
             launched = clearml_io.create_replicas(config, group, args.replicas, args.project_name, args.task_name,
                                                   *source, args.queue, profile)
-            report_replicas(launched, group, config, clearml_io.gateway_supported(), args.wait)
+            report_replicas(launched, group, config, gateway, args.wait)
             return 0
         launched_one = clearml_io.create_instance(config, args.project_name, args.task_name, *source, args.queue,
                                                   profile)
@@ -290,10 +301,11 @@ def run(args: argparse.Namespace) -> int:
             source_config = clearml_io.instance_config(args.task_id)
             shared = for_replicas(cfg.build({**source_config.model_dump(), **edits}), group)
             edits = {**edits, "api_key": shared.api_key, "static_route": shared.static_route}
+            gateway = replica_gateway(shared)
             launched = [clearml_io.clone_instance(args.task_id, edits, f"{args.task_name or group} #{i + 1}",
                                                   args.queue, container, group=group)
                         for i in range(args.replicas)]
-            report_replicas(launched, group, shared, clearml_io.gateway_supported(), args.wait)
+            report_replicas(launched, group, shared, gateway, args.wait)
             return 0
         launched_one = clearml_io.clone_instance(args.task_id, edits, args.task_name, args.queue, container)
         report(launched_one, "cloned")

@@ -219,3 +219,13 @@ def test_rpc_settings_on_a_build_without_rpc_fail_the_check_in_one_line(monkeypa
         cfg.check_runnable(config)
     assert "DGGML_RPC=on" in str(err.value) and "\n" not in str(err.value)
     cfg.check_runnable(cfg.build({"model": "demo"}))  # without RPC settings the build does not matter
+
+
+def test_on_an_enterprise_server_the_route_must_exist_before_any_replica(enterprise: RunningDouble,
+                                                                         tmp_path: Path) -> None:
+    out = cli(enterprise, tmp_path, "launch", "--model", "org/repo/m.gguf", "--replicas", "2", "--group",
+              "no-such-route", *REPO_ARGS)
+    assert out.returncode == 1
+    errors = [line for line in out.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "'no-such-route' does not exist" in errors[0], out.stderr
+    assert enterprise.double.tasks == {}  # nothing created: each replica would have fallen back to its own address

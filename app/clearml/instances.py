@@ -154,6 +154,18 @@ def gateway_supported() -> bool:
     return True
 
 
+def check_static_route(route: str) -> None:
+    """ValueError unless the gateway has `route` enabled and load-balanced: a replica asking for a route that is
+    not there would fall back to its own address, and clients would not see one URL."""
+    from clearml.backend_interface.routers import RouterService
+
+    try:
+        RouterService().validate_static_route(route)
+    except ValueError as exc:
+        raise ValueError(f"{exc}: create it on the AI Application Gateway (enabled, load-balanced) or name an "
+                         "existing one with --set 'Advanced Options/static_route=NAME'") from None
+
+
 def create_replicas(config: cfg.AppConfig, group: str, count: int, project: str, name: str, repo: str | None,
                     branch: str | None, commit: str | None, requirements: str, queue: str,
                     container: ContainerProfile) -> list[Launched]:
