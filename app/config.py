@@ -49,6 +49,7 @@ MIN_N_CTX = 64  # a chat template, a short prompt and a short reply; llama.cpp i
 MAX_N_BATCH = 8192  # n_ubatch = n_batch: the compute buffer grows with n_batch x n_ctx (8 GiB at 8192 x 8192)
 MAX_THREADS = 1024  # absolute; the machine check below is tighter
 THREADS_PER_CORE = 4  # past the cores each thread only spins: 64 threads on 2 cores decode 8x slower
+MAX_BODY_BYTES = 8 * 1024 * 1024  # the largest request body the API reads (413 beyond; the body deadline's size)
 MAX_QUEUE = 4096  # waiting requests each hold a connection; 16 full waves of 256 sequences
 MAX_IDLE_HOURS = 8760.0  # a year; 0 already means "never"
 MIN_REPORT_INTERVAL_S = 1.0  # each report samples the machine and calls ClearML: at 1 ms an idle app used 90% of a core

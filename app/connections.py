@@ -40,6 +40,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from app.api.errors import error_body
+from app.config import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ MAX_HEADERS = 100
 # client could trickle one forever too; that connection is closed once its response is out.
 BODY_BASE_S = 10.0
 BODY_MIN_RATE = 64 * 1024
-MAX_BODY_BYTES = 8 * 1024 * 1024
 # Descriptors kept back from connections for everything else: stdio, the listener, the event loop, the model
 # file, logs, ClearML's and Hugging Face's HTTP sessions, psutil and NVML probes.
 FD_RESERVE = 128
@@ -261,9 +261,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self._body_deadline is not None and not self.transport.is_closing():
-            # Answered before its body arrived (a 401, a 413): nothing left to read it for.
-            self._body_deadline = None
-            self._linger_close()
+            self._linger_close()  # answered before its body arrived (a 401, a 413): nothing left to read it for
 
     def _check_body(self) -> None:
         self._body_timer = None
@@ -329,8 +327,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Half-close, drop what the client still sends for REFUSE_LINGER_S, then close."""
         self._refused = True
         self._head_deadline = None
-        if self._timer is not None:
-            self._timer.cancel()
+        self._body_deadline = None
+        for timer in (self._timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._body_timer = None
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._timer = self.loop.call_later(REFUSE_LINGER_S, self.transport.close)

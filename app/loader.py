@@ -148,5 +148,6 @@ class ModelLoader:
             found = self.rpc_workers(ids)
         except (RuntimeError, TimeoutError) as exc:
             raise ModelSourceError(f"RPC workers: {exc}") from None
-        servers = [s for s in config.rpc_servers.split(",") if s] + [e for e in found if e not in config.rpc_servers]
+        given = [s for s in config.rpc_servers.split(",") if s]
+        servers = given + [e for e in found if e not in given]
         return config.model_copy(update={"rpc_servers": ",".join(servers)})

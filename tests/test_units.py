@@ -173,3 +173,12 @@ def test_idle_clock_starts_at_readiness_and_pauses_in_flight() -> None:
     stats.end("/v1/completions", 200, started)
     now[0] = 505.0
     assert stats.idle_seconds() == 5.0
+
+
+def test_rpc_devices_match_their_endpoint_exactly() -> None:
+    from app.engine.rpc import Device, rpc_devices
+
+    listed = [Device("CPU", "cpu", 1, 1), Device("RPC0", "10.0.0.1:50052", 1, 1), Device("RPC1", "10.0.0.1:5005", 1, 1)]
+    assert [d.name for d in rpc_devices(["10.0.0.1:5005"], listed)] == ["RPC1"]  # not its prefix twin RPC0
+    assert [d.name for d in rpc_devices(["10.0.0.1:50052", "10.0.0.1:5005"], listed)] == ["RPC0", "RPC1"]
+    assert rpc_devices(["10.0.0.1:505"], listed) == []

@@ -16,12 +16,12 @@ from app.api.dashboard import dashboard_router
 from app.api.errors import APIError, install_error_handlers, send_error
 from app.api.record import record_of
 from app.api.routes import api_router, extras_router, health_router
+from app.config import MAX_BODY_BYTES
 from app.telemetry.gauges import LiveCollector
 from app.telemetry.stats import RequestStats
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
 # Probes, scrapes and the dashboard are not use: they are neither counted nor keep an idle app alive.
 UNCOUNTED_PATHS = frozenset({"/health", "/metrics", "/", "/dashboard", "/dashboard/status", "/dashboard/data"})
 # Answers that say the caller did not reach the API: never activity, whoever sent them.

@@ -84,8 +84,7 @@ def ggml_libraries() -> list[Path]:
         pass
     if not found:
         found = [p for p in folder.glob("*ggml*") if p.suffix in (".so", ".dylib", ".dll") or ".so." in p.name]
-        found.sort(key=lambda p: p.name.count("."), reverse=False)
-        found.sort(key=lambda p: not re.search(r"\.so\.\d+$", p.name))
+        found = [p for p in found if re.search(r"\.so\.\d+$", p.name)] or found  # the SONAME twins
     return sorted(found, key=lambda p: ("ggml-base" not in p.name, "ggml-cpu" not in p.name, p.name))
 
 

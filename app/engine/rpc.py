@@ -103,12 +103,11 @@ def devices() -> list[Device]:
     return _Ggml().devices()
 
 
-def rpc_devices(endpoints: list[str]) -> list[Device]:
-    """The registered devices served by these endpoints, in the order given."""
-    found = []
-    for endpoint in endpoints:
-        found += [d for d in devices() if d.name.startswith("RPC") and endpoint in d.description + d.name]
-    return found
+def rpc_devices(endpoints: list[str], listed: list[Device] | None = None) -> list[Device]:
+    """The registered devices served by these endpoints, in the order given (llama.cpp describes each RPC device
+    by its endpoint). Listing asks every RPC device for its memory over the network: pass `listed` to reuse one."""
+    listed = devices() if listed is None else listed
+    return [d for endpoint in endpoints for d in listed if d.name.startswith("RPC") and d.description == endpoint]
 
 
 def add_servers(endpoints: list[str]) -> list[Device]:
@@ -120,17 +119,18 @@ def add_servers(endpoints: list[str]) -> list[Device]:
     llama_cpp.llama_backend_init()
     ggml = _Ggml()
     add = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(ggml.rpc_proc("ggml_backend_rpc_add_server"))
+    known = {d.description for d in rpc_devices(endpoints, ggml.devices())}
     for endpoint in endpoints:
-        if rpc_devices([endpoint]):
+        if endpoint in known:
             continue
         reachable(endpoint)  # llama.cpp aborts the whole process on a worker it cannot connect to
         reg = add(endpoint.encode())
         if not reg:
             raise RPCError(f"RPC server {endpoint}: llama.cpp could not add it")
         ggml.ggml.ggml_backend_register(reg)
-    registered = rpc_devices(endpoints)
+    registered = rpc_devices(endpoints, ggml.devices())
     for endpoint in endpoints:
-        if not rpc_devices([endpoint]):
+        if not any(d.description == endpoint for d in registered):
             raise RPCError(f"RPC server {endpoint}: no device (is a worker listening there?)")
     for device in registered:
         if device.total == 0:
